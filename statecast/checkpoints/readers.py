@@ -1,0 +1,220 @@
+"""Lazy tensor readers for checkpoint files.
+
+Every reader exposes the same small interface (:class:`TensorSource`): the key
+list, each tensor's shape and dtype without reading its data, and ``get(name)``
+that materialises one tensor. Conversion walks keys one at a time, so peak memory
+is about one tensor.
+
+Formats: single and sharded safetensors (``*.safetensors.index.json``),
+``pytorch_model.bin`` (single or sharded) and native ``.pth`` files. Torch pickles
+are opened with ``torch.load(weights_only=True, mmap=True)``: the restricted
+unpickler refuses anything but tensors and plain containers, so a malicious
+pickle is an error, never code execution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import StatecastError
+
+# safetensors dtype codes <-> torch dtypes (shared with the writer).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+ST_CODES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise StatecastError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
+
+
+@dataclass
+class TensorSource:
+    """Keys -> (file, shape, dtype); ``get`` reads one tensor lazily."""
+
+    files: list[Path]
+    _where: dict[str, Path] = field(default_factory=dict)
+    _meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    _handles: dict[Path, object] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where[name]
+        handle = self._handles[path]
+        if isinstance(handle, dict):  # a torch pickle, memory-mapped
+            return handle[name]
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; a short or corrupt file is an error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StatecastError(f"truncated safetensors file {path}: {size} bytes, no header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise StatecastError(f"truncated or corrupt safetensors file {path}: header of {n} bytes in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StatecastError(f"corrupt safetensors file {path}: header is not JSON") from None
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in ST_DTYPES:
+            raise StatecastError(f"unsupported dtype {info.get('dtype')!r} for tensor {name!r} in {path}")
+        end = max(end, info["data_offsets"][1])
+    if 8 + n + end > size:
+        raise StatecastError(
+            f"truncated safetensors file {path}: tensors need {8 + n + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def _add_safetensors(src: TensorSource, path: Path) -> None:
+    from safetensors import safe_open
+
+    header = read_safetensors_header(path)
+    src._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        src._where[name] = path
+        src._meta[name] = (tuple(info["shape"]), ST_DTYPES[info["dtype"]])
+
+
+# --------------------------------------------------------------------------- torch pickles
+
+
+def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` restricted to tensors, memory-mapped when the file allows it."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StatecastError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (unsafe pickle: {first})"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StatecastError(f"cannot read {path}: {msg}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise StatecastError(f"{path} does not hold a flat name -> tensor dictionary")
+    return obj
+
+
+def _add_torch(src: TensorSource, path: Path) -> None:
+    sd = load_torch_pickle(path)
+    src._handles[path] = sd
+    for name, t in sd.items():
+        src._where[name] = path
+        src._meta[name] = (tuple(t.shape), t.dtype)
+
+
+# --------------------------------------------------------------------------- entry point
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory or file, preferring safetensors."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    for index in WEIGHT_INDEXES:
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise StatecastError(f"corrupt index file {path / index}") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise StatecastError(f"{path / index} names shard(s) that are missing: {', '.join(missing)}")
+            return files
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    pth = sorted(path.glob("*.pth"))
+    if len(pth) == 1:
+        return pth
+    if len(pth) > 1:
+        raise StatecastError(f"{path} holds several .pth files ({', '.join(p.name for p in pth)}); pass one")
+    return []
+
+
+def open_tensors(files: list[Path]) -> TensorSource:
+    src = TensorSource(files=list(files))
+    for f in files:
+        if f.suffix == ".safetensors":
+            _add_safetensors(src, f)
+        elif f.suffix in (".bin", ".pth", ".pt"):
+            _add_torch(src, f)
+        else:
+            raise StatecastError(f"unsupported weight file {f}: expected .safetensors, .bin or .pth")
+    return src

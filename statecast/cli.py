@@ -1,0 +1,186 @@
+"""The ``convert`` (alias ``statecast``) command line. Thin: each command calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import StatecastError
+
+
+def _emit(obj, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        human(obj)
+
+
+def handle_errors(fn):
+    """One line on stderr and the error's exit status (2 for bad input), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StatecastError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+dtype_choice = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def dtype_option(help_text: str):
+    return click.option("--dtype", type=dtype_choice, default=None, help=help_text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="statecast")
+def main() -> None:
+    """Convert sequence-model checkpoints to one unified layout, verify parity, export, generate."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only).")
+@click.option("--out", type=click.Path(), default=None, help="Output directory (default: the local store).")
+@dtype_option("Cast floating weights (default: keep the source dtype).")
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@json_option
+@handle_errors
+def pull(source, revision, out, dtype, force, quiet, as_json):
+    """Fetch SOURCE (Hub repo id, Hub-format dir or native checkpoint) and convert it."""
+    from .convert.pull import pull as do_pull
+
+    info = do_pull(source, revision=revision, out=out, dtype=dtype, force=force, progress=not quiet and not as_json)
+    _emit(info, as_json, lambda i: click.echo(i["path"]))
+
+
+@main.command()
+@click.argument("path")
+@device_option
+@dtype_option("Run our model in this dtype (default: the checkpoint's).")
+@click.option("--reference", type=click.Path(), default=None, help="Original files, if they moved since conversion.")
+@json_option
+@handle_errors
+def verify(path, device, dtype, reference, as_json):
+    """Compare the converted model at PATH with the original implementation; write parity.json/.md."""
+    from .checkpoints.store import resolve
+    from .convert.verify import render_markdown, verify as do_verify
+
+    report = do_verify(resolve(path), device=device, dtype=dtype, reference=reference, raise_on_fail=False,
+                       progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
+    _emit(report, as_json, lambda r: click.echo(render_markdown(r)))
+    if not report["passed"]:
+        click.echo(f"error: parity FAILED (see {report['model']}/parity.md)", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), required=True, help="Target format.")
+@click.option("--out", type=click.Path(), default=None, help="Output directory (default: PATH/<format>).")
+@force_option
+@json_option
+@handle_errors
+def export(path, fmt, out, force, as_json):
+    """Write the unified model at PATH in another format."""
+    from .checkpoints.store import resolve
+    from .convert.export import export as do_export
+
+    info = do_export(resolve(path), fmt, out, force=force)
+    _emit(info, as_json, lambda i: click.echo(i["path"]))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--prompt", default=None, help="Text prompt (needs the model's tokenizer).")
+@click.option("--prompt-ids", default=None, help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--greedy", is_flag=True, help="Argmax decoding (the default unless --temperature is given).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@dtype_option("Run in this dtype (default: the checkpoint's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@json_option
+@handle_errors
+def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, as_json):
+    """Generate from PATH: parallel prefill, then one step per token (text streams as it comes)."""
+    from .checkpoints.store import resolve
+    from .convert.generate import generate as do_generate
+
+    if greedy and temperature is not None:
+        raise StatecastError("--greedy and --temperature exclude each other")
+    stream = None if as_json else (lambda s: click.echo(s, nl=False))
+    if stream and prompt is not None:
+        click.echo(prompt, nl=False)
+    out = do_generate(resolve(path), prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                      greedy=temperature is None, temperature=temperature or 1.0, top_p=top_p, seed=seed,
+                      dtype=dtype, device=device, on_text=stream)
+    if as_json:
+        click.echo(json.dumps(out))
+    elif prompt is None:
+        click.echo(out["text"])
+    else:
+        click.echo()
+
+
+@main.command()
+@click.argument("path")
+@json_option
+@handle_errors
+def inspect(path, as_json):
+    """Describe a unified model or a source checkpoint at PATH."""
+    from .checkpoints.store import resolve
+    from .convert.inspect import inspect_path, render
+
+    info = inspect_path(resolve(path))
+    _emit(info, as_json, lambda i: click.echo(render(i)))
+
+
+@main.command(name="list")
+@json_option
+@handle_errors
+def list_(as_json):
+    """The models in the local store ($STATECAST_HOME)."""
+    from .checkpoints.store import list_models, models_dir
+
+    models = list_models()
+
+    def human(ms):
+        if not ms:
+            click.echo(f"no models in {models_dir()}")
+        for m in ms:
+            verified = {True: "verified", False: "parity FAILED", None: "not verified"}[m["verified"]]
+            click.echo(f"{m['name']:40s} {m['family']:8s} {m['dtype']:9s} {m['n_params']:>14,} params  {verified}")
+
+    _emit(models, as_json, human)
+
+
+@main.command()
+@handle_errors
+def demo():
+    """Offline: build a tiny RWKV-4 with transformers, pull, verify, generate, print the parity report."""
+    from .convert.demo import run_demo
+
+    result = run_demo(say=click.echo)
+    if not result["parity"]["passed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""``convert inspect``: what a unified model or a source checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoints.layout import is_unified, open_unified
+from ..checkpoints.readers import dtype_name, open_tensors
+from .families import detect
+
+
+def inspect_path(path: str | Path) -> dict:
+    path = Path(path)
+    if is_unified(path):
+        um = open_unified(path)
+        parity = json.loads((path / "parity.json").read_text()) if (path / "parity.json").is_file() else None
+        return {
+            "kind": "unified",
+            "path": str(path),
+            "family": um.family,
+            "dtype": um.meta["dtype"],
+            "n_params": um.meta["n_params"],
+            "config": um.config,
+            "source": {k: um.source.get(k) for k in ("id", "kind", "format", "revision", "sha")},
+            "weights": um.meta["weights"],
+            "tokenizer": um.meta.get("tokenizer", []),
+            "n_tensors": len(um.meta["tensors"]),
+            "parity": None if parity is None else {k: parity.get(k) for k in ("passed", "max_abs_diff", "nmse_db", "kl_max", "top1_agreement", "greedy_agreement")},
+            "onnx": sorted(p.name for p in (path / "onnx").glob("*.onnx")) if (path / "onnx").is_dir() else [],
+        }
+    det = detect(path)
+    with open_tensors(det.files) as src:
+        n = sum(_numel(src.shape(k)) for k in src.keys())
+        dtypes = sorted({dtype_name(src.dtype(k)) for k in src.keys()})
+        n_tensors = len(src.keys())
+    return {
+        "kind": "source",
+        "path": str(path),
+        "family": det.family.name,
+        "format": det.fmt.name,
+        "files": [str(f) for f in det.files],
+        "n_tensors": n_tensors,
+        "n_params": n,
+        "dtypes": dtypes,
+        "tokenizer": sorted(det.tokenizer),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def render(info: dict) -> str:
+    lines = [f"{info['path']}", f"  kind:      {info['kind']}", f"  family:    {info['family']}"]
+    if info["kind"] == "unified":
+        cfg = ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "layer_kinds")
+        src = info["source"]
+        lines += [
+            f"  dtype:     {info['dtype']}",
+            f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['weights'])})",
+            f"  config:    {cfg}",
+            f"  source:    {src['id']} ({src['format']}" + (f", {src['revision']} @ {src['sha'][:12]}" if src.get("sha") else "") + ")",
+            f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",
+        ]
+        p = info["parity"]
+        lines.append("  parity:    " + ("not verified" if p is None else
+                     f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.3g}, NMSE {p['nmse_db']:.1f} dB, top-1 {p['top1_agreement']:.3f})"))
+    else:
+        lines += [
+            f"  format:    {info['format']}",
+            f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['dtypes'])})",
+            f"  files:     {', '.join(info['files'])}",
+            f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",
+        ]
+    return "\n".join(lines)

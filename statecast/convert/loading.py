@@ -1,0 +1,46 @@
+"""Build a PyTorch model from a unified-layout directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.layout import UnifiedModel, open_unified
+from ..checkpoints.readers import parse_dtype
+from ..errors import StatecastError
+from .families import FAMILIES
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StatecastError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise StatecastError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device: str = "cpu"):
+    """(model in eval mode, UnifiedModel). ``dtype`` casts floating weights except float32-kept ones."""
+    um = path if isinstance(path, UnifiedModel) else open_unified(path)
+    fam = FAMILIES[um.family]
+    dev = resolve_device(device)
+    model = fam.build(um.config, "meta")
+    state = um.state_dict()
+    if dtype is not None:
+        target = parse_dtype(dtype)
+        state = {k: (v.to(target) if v.is_floating_point() and not fam.keeps_fp32(k) else v) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dev).eval(), um
+
+
+def load_tokenizer(um: UnifiedModel):
+    """A ``tokenizers.Tokenizer`` when the model has ``tokenizer.json``, else None."""
+    path = um.path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))

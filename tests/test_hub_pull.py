@@ -1,0 +1,69 @@
+"""``convert pull ORG/NAME`` through a loopback server speaking the Hub API (real huggingface_hub client)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hubserver import FakeHub, HubRepo
+
+
+def convert(args, env, check=True):
+    r = subprocess.run([sys.executable, "-m", "statecast.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture()
+def hub_repo_dir(hf_dir, tmp_path):
+    """The HF fixture plus a pytorch_model.bin copy that pull must not fetch (safetensors is preferred)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "repo"
+    shutil.copytree(hf_dir, d)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "README.md").write_text("model card, not needed")
+    return d
+
+
+def test_pull_from_hub_api(hub_repo_dir, tmp_path):
+    with FakeHub([HubRepo("acme/rwkv-tiny", hub_repo_dir, revisions={"v1": "main"})]) as hub:
+        env = hub.env(tmp_path / "hf") | {"STATECAST_HOME": str(tmp_path / "store")}
+        info = json.loads(convert(["pull", "acme/rwkv-tiny", "--json"], env).stdout)
+        fetched = {p.rsplit("/", 1)[-1] for m, p in hub.requests if m == "GET" and "/resolve/" in p}
+        assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
+        assert info["path"] == str(tmp_path / "store" / "models" / "acme--rwkv-tiny")
+        assert info["source"] == "acme/rwkv-tiny" and info["revision"] == "main"
+        assert info["sha"] == hub.repo("acme/rwkv-tiny").sha
+        assert info["family"] == "rwkv" and info["n_params"] > 0 and info["dtype"] == "float32"
+
+        # a named revision goes to its own store entry
+        info_v1 = json.loads(convert(["pull", "acme/rwkv-tiny", "--revision", "v1", "--json"], env).stdout)
+        assert info_v1["path"].endswith("acme--rwkv-tiny@v1")
+
+        # bad repo / revision: one line, exit 2
+        r = convert(["pull", "acme/nope"], env, check=False)
+        assert r.returncode == 2 and r.stderr.strip() == "error: unknown Hub repo 'acme/nope' (or it is private or gated: log in with `hf auth login`)"
+        r = convert(["pull", "acme/rwkv-tiny", "--revision", "nope"], env, check=False)
+        assert r.returncode == 2 and "unknown revision 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+        # list sees what was pulled
+        listed = json.loads(convert(["list", "--json"], env).stdout)
+        assert {m["name"] for m in listed} == {"acme--rwkv-tiny", "acme--rwkv-tiny@v1"}
+        n_requests = len(hub.requests)
+
+    # offline, from the HF cache: no server at all
+    env_off = env | {"HF_HUB_OFFLINE": "1"}
+    info_off = json.loads(convert(["pull", "acme/rwkv-tiny", "--out", str(tmp_path / "offline"), "--json"], env_off).stdout)
+    assert info_off["sha"] == info["sha"]
+    assert n_requests == len(hub.requests)
+    r = convert(["pull", "acme/other", "--out", str(tmp_path / "x")], env_off, check=False)
+    assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr
