@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +25,9 @@ def build_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=["<|endoftext|>"])
+    # No initial byte alphabet: only the corpus's (ASCII) symbols, so a random model's
+    # output decodes to printable text rather than stray partial UTF-8 bytes.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=["<|endoftext|>"])
     tok.train_from_iterator([CORPUS], trainer=trainer)
     return tok
 
@@ -36,7 +36,9 @@ def build_hf_checkpoint(out: Path, seed: int = 0, hidden: int = 64, layers: int 
                         fmt: str = "safetensors") -> Path:
     """A seeded ``RwkvForCausalLM`` saved in Hub format with a tokenizer (what a Hub repo holds)."""
     from transformers import RwkvConfig, RwkvForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     tok = build_tokenizer(vocab)
     cfg = RwkvConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
@@ -47,21 +49,29 @@ def build_hf_checkpoint(out: Path, seed: int = 0, hidden: int = 64, layers: int 
     return out
 
 
-def run_demo(say: Callable[[str], None] = print, home: Path | None = None) -> dict:
+def run_demo(say: Callable[[str], None] = print) -> dict:
+    """Build, pull, verify, generate; the source stays in the store so `convert verify` can be rerun."""
+    import shutil
+
     from .generate import generate
     from .pull import pull
     from .verify import render_markdown, verify
 
-    with tempfile.TemporaryDirectory(prefix="statecast-demo-") as tmp:
-        src = build_hf_checkpoint(Path(tmp) / "rwkv4-tiny")
-        say(f"1. built a seeded RWKV-4 (4 layers x 64, vocab 320) with transformers in Hub format: {src}")
-        out = (home / DEMO_NAME) if home else store.path_for(DEMO_NAME)
-        info = pull(str(src), out=out, force=True, progress=False)
-        say(f"2. convert pull -> {info['path']} ({info['n_params']:,} parameters, {info['dtype']})")
-        report = verify(info["path"], device="cpu", raise_on_fail=False)
-        say(f"3. convert verify -> {'PASS' if report['passed'] else 'FAIL'} against {report['reference']['implementation']}")
-        gen = generate(info["path"], prompt="The quick brown fox", max_new_tokens=24)
-        say(f"4. convert generate --prompt 'The quick brown fox' -> {gen['text']!r}")
-        say("")
-        say(render_markdown(report))
+    src = store.home() / "demo-source" / "rwkv4-tiny"
+    shutil.rmtree(src, ignore_errors=True)
+    build_hf_checkpoint(src)
+    info = pull(str(src), out=store.path_for(DEMO_NAME), force=True, progress=False)
+    from ..checkpoints.layout import open_unified
+
+    cfg = open_unified(info["path"]).config
+    say(f"1. built a seeded RWKV-4 ({cfg['n_layer']} layers x {cfg['d_model']}, vocab {cfg['vocab_size']}) "
+        f"with transformers, saved in Hub format: {src}")
+    say(f"2. convert pull {src} -> {info['path']} ({info['n_params']:,} parameters, {info['dtype']})")
+    report = verify(info["path"], device="cpu", raise_on_fail=False)
+    say(f"3. convert verify {DEMO_NAME} -> {'PASS' if report['passed'] else 'FAIL'} against "
+        f"{report['reference']['implementation']} {report['reference']['version']}")
+    gen = generate(info["path"], prompt="The quick brown fox", max_new_tokens=24)
+    say(f"4. convert generate {DEMO_NAME} --prompt 'The quick brown fox' -> {gen['text']!r}")
+    say("")
+    say(render_markdown(report))
     return {"path": info["path"], "parity": report, "generate": gen}

@@ -45,7 +45,9 @@ class HfRwkvReference(Reference):
 
     def __init__(self, path: Path, device: torch.device):
         from transformers import RwkvForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         self.implementation = "transformers.RwkvForCausalLM"
         self.version = metadata.version("transformers")
         self.device = device
