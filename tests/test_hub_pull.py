@@ -45,6 +45,12 @@ def test_pull_from_hub_api(hub_repo_dir, tmp_path):
         assert info["sha"] == hub.repo("acme/rwkv-tiny").sha
         assert info["family"] == "rwkv" and info["n_params"] > 0 and info["dtype"] == "float32"
 
+        # pulling the same commit again reuses the store entry; nothing is re-downloaded
+        n_before = len([r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]])
+        again = json.loads(convert(["pull", "acme/rwkv-tiny", "--json"], env).stdout)
+        assert again == info
+        assert n_before == len([r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]])
+
         # a named revision goes to its own store entry
         info_v1 = json.loads(convert(["pull", "acme/rwkv-tiny", "--revision", "v1", "--json"], env).stdout)
         assert info_v1["path"].endswith("acme--rwkv-tiny@v1")

@@ -169,4 +169,21 @@ def pull(source: str, revision: str | None = None, out: str | Path | None = None
     src = resolve_source(source, revision)
     det = detect(src.path)
     target = Path(out) if out is not None else default_output(src)
+    if out is None and not force:
+        existing = _same_conversion(target, src, dtype)
+        if existing is not None:
+            return existing
     return convert_local(det, src, target.absolute(), torch_dtype, force=force, progress=progress)
+
+
+def _same_conversion(target: Path, src: Source, dtype: str | None) -> dict | None:
+    """The store already holds this exact source (same id and commit, same dtype): reuse it."""
+    from ..checkpoints.layout import is_unified, open_unified
+
+    if not is_unified(target):
+        return None
+    meta = open_unified(target).meta
+    same = meta["source"].get("id") == src.id and meta["source"].get("sha") == src.sha and src.sha is not None
+    if same and (dtype is None or meta["dtype"] == dtype):
+        return summary(target, meta)
+    return None
