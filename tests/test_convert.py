@@ -132,7 +132,7 @@ def test_round_trip_hf_unified_hf_is_exact(fixture, request, tmp_path):
     # and transformers loads the exported directory and computes the same logits
     from transformers import RwkvForCausalLM
 
-    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg_a["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         la = RwkvForCausalLM.from_pretrained(src_dir, rescale_every=0).eval()(ids).logits
         lb = RwkvForCausalLM.from_pretrained(out, rescale_every=0).eval()(ids).logits

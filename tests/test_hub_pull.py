@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -44,6 +45,10 @@ def test_pull_from_hub_api(hub_repo_dir, tmp_path):
         assert info["source"] == "acme/rwkv-tiny" and info["revision"] == "main"
         assert info["sha"] == hub.repo("acme/rwkv-tiny").sha
         assert info["family"] == "rwkv" and info["n_params"] > 0 and info["dtype"] == "float32"
+
+        # provenance: the LFS blob's sha256 (from the HF cache) is the file's sha256
+        meta = json.loads(Path(info["path"], "statecast.json").read_text())
+        assert meta["source"]["files"]["model.safetensors"] == hashlib.sha256((hub_repo_dir / "model.safetensors").read_bytes()).hexdigest()
 
         # pulling the same commit again reuses the store entry; nothing is re-downloaded
         n_before = len([r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]])

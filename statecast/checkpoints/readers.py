@@ -14,7 +14,9 @@ pickle is an error, never code execution.
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -85,9 +87,12 @@ class TensorSource:
         handle = self._handles[path]
         if isinstance(handle, dict):  # a torch pickle, memory-mapped
             return handle[name]
-        return handle.get_tensor(name)
+        return handle.read(name, *self._meta[name])
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            if isinstance(handle, _SafetensorsFile):
+                handle.file.close()
         self._handles.clear()
 
     def __enter__(self) -> "TensorSource":
@@ -128,16 +133,57 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _add_safetensors(src: TensorSource, path: Path) -> None:
-    from safetensors import safe_open
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
 
+
+@dataclass
+class _SafetensorsFile:
+    """An open safetensors file; ``read`` maps one tensor's bytes (copy-on-write, zero-copy).
+
+    Each tensor gets its own small memory map, unmapped when the tensor is freed, so
+    a conversion that streams tensors keeps about one tensor resident, where a map
+    of the whole file would keep every page read so far (the whole checkpoint by the
+    end). Mapping, unlike reading into fresh memory, touches no new anonymous pages.
+    """
+
+    path: Path
+    file: io.RawIOBase
+    data_start: int  # 8 + header length
+    offsets: dict[str, tuple[int, int]]
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        begin, end = self.offsets[name]
+        nbytes = _nbytes(shape, dtype)
+        if begin < 0 or end - begin != nbytes:
+            raise StatecastError(
+                f"corrupt safetensors file {self.path}: tensor {name!r} {list(shape)} {dtype_name(dtype)} "
+                f"needs {nbytes} bytes, its offsets span {end - begin}"
+            )
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        start = self.data_start + begin
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self.file.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        # frombuffer keeps ``mm`` alive as long as the tensor (or a view of it) is.
+        return torch.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=start - base).reshape(shape)
+
+
+def _add_safetensors(src: TensorSource, path: Path) -> None:
     header = read_safetensors_header(path)
-    src._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+    f = open(path, "rb", buffering=0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    offsets = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         src._where[name] = path
         src._meta[name] = (tuple(info["shape"]), ST_DTYPES[info["dtype"]])
+        offsets[name] = tuple(info["data_offsets"])
+    src._handles[path] = _SafetensorsFile(path, f, 8 + n, offsets)
 
 
 # --------------------------------------------------------------------------- torch pickles

@@ -85,7 +85,7 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
         ucfg = unified_config(det, shapes)
         plan = plan_tensors(det, tensors, ucfg, dtype)
         with cf.ThreadPoolExecutor(max_workers=1) as pool, atomic_directory(out, force=force) as tmp:
-            hashes = {f: pool.submit(sha256_file, f) for f in det.files + list(det.tokenizer.values())}
+            hashes = {f: pool.submit(source_sha256, f) for f in det.files + list(det.tokenizer.values())}
             bar = _progress(sum(p.nbytes for p in plan), f"convert {out.name}", progress)
             kwargs = {"max_shard_bytes": shard_bytes} if shard_bytes else {}
             files, digests = write_weights(tmp, plan, on_tensor=lambda p: bar.update(p.nbytes), **kwargs)
@@ -117,6 +117,15 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
             }
             write_json_atomic(tmp / META_FILE, meta)
     return summary(out, meta)
+
+
+def source_sha256(f: Path) -> str:
+    """sha256 of a source file. Files in the Hugging Face cache that came through Git LFS
+    are stored as ``blobs/<sha256>`` (verified by huggingface_hub on download): reuse that."""
+    target = f.resolve()
+    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    return sha256_file(f)
 
 
 def summary(path: Path, meta: dict) -> dict:
