@@ -1,0 +1,288 @@
+"""Shared helpers for the benchmark scripts: threads, timing, contention check, output.
+
+Timing rule: warm up, then repeat; report the best and the median of the repeats.
+Never compare against fixed wall-clock numbers: every script prints ratios of things
+measured in the same run.
+
+The machines these run on are often shared, so each timed sample also records how
+much CPU the *other* processes used meanwhile (Linux ``/proc``; elsewhere it reads 0).
+Samples taken while others used more than ``busy_limit`` of the machine are retried
+(up to ``max_tries`` samples in all) and reported as contended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python bench/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+
+def set_threads(n: int) -> int:
+    """Intra-op threads for torch (the benchmarks' setting is 2)."""
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def base_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke run")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    return p
+
+
+# --------------------------------------------------------------------------- contention
+
+
+def _busy_ticks() -> int | None:
+    """Non-idle CPU ticks of the whole machine (user+nice+system+irq+softirq+steal)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def _self_ticks() -> int | None:
+    """CPU ticks of this process, all threads (utime + stime)."""
+    try:
+        with open("/proc/self/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(rest[11]) + int(rest[12])
+
+
+def _ncpu() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    best: float  # seconds, best uncontended sample (best of all if none was uncontended)
+    median: float  # seconds, median of the samples kept
+    samples: list[float] = field(default_factory=list)
+    contended: int = 0  # samples during which other processes were busy
+    kept_contended: bool = False  # too few clean samples: contended ones were kept
+    others_busy: float = 0.0  # max fraction of the machine others used during a kept sample
+
+
+def time_fn(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    busy_limit: float = 0.10,
+    max_tries: int | None = None,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` kept samples.
+
+    A sample during which other processes used more than ``busy_limit`` of all CPUs is
+    discarded and retried, up to ``max_tries`` samples (default 3 * repeats); if too few
+    clean samples come, the contended ones are kept and counted in ``Timing.contended``.
+    """
+    for _ in range(warmup):
+        fn()
+    max_tries = 3 * repeats if max_tries is None else max_tries
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    ncpu = _ncpu()
+    clean: list[tuple[float, float]] = []
+    dirty: list[tuple[float, float]] = []
+    for _ in range(max_tries):
+        b0, s0 = _busy_ticks(), _self_ticks()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        b1, s1 = _busy_ticks(), _self_ticks()
+        others = 0.0
+        if None not in (b0, s0, b1, s1):
+            others = max(0.0, ((b1 - b0) - (s1 - s0)) / hz) / (dt * ncpu)
+        (clean if others <= busy_limit else dirty).append((dt, others))
+        if len(clean) >= repeats:
+            break
+    enough = len(clean) >= max(1, repeats // 2)
+    kept = clean if enough else clean + dirty
+    times = [t for t, _ in kept]
+    return Timing(
+        best=min(times),
+        median=statistics.median(times),
+        samples=times,
+        contended=len(dirty),
+        kept_contended=not enough,
+        others_busy=max(o for _, o in kept),
+    )
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, **kw) -> dict[str, Timing]:
+    """``time_fn`` for several functions in rounds (a, b, c, a, b, c, ...), so that a
+    change in machine load during the run hits all of them alike; returns name -> Timing."""
+    for fn in fns.values():  # warm-up
+        fn()
+    samples: dict[str, list[Timing]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_fn(fn, repeats=1, warmup=0, **kw))
+    out = {}
+    for name, ts in samples.items():
+        clean = [t for t in ts if not t.kept_contended]
+        kept = clean or ts
+        times = [min(t.samples) for t in kept]
+        out[name] = Timing(
+            best=min(times),
+            median=statistics.median(times),
+            samples=times,
+            contended=sum(t.contended for t in ts),
+            kept_contended=not clean,
+            others_busy=max(t.others_busy for t in kept),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": _ncpu(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_table(title: str, headers: list[str], rows: list[list], notes: list[str] = ()) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for n in notes:
+        print(f"  note: {n}")
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2e}"
+    return str(x)
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, Timing):
+        return asdict(o)
+    raise TypeError(type(o))
+
+
+# --------------------------------------------------------------------------- RWKV models
+
+
+RWKV_169M = dict(vocab_size=50277, d_model=768, n_layer=12, d_attn=768, d_ffn=3072)
+
+
+def hf_rwkv_names(n_layer: int) -> dict[str, str]:
+    """transformers RwkvForCausalLM tensor name -> statecast name (benchmark-local table;
+    the real converter lives in statecast.convert)."""
+    table = {
+        "rwkv.embeddings.weight": "embed.weight",
+        "rwkv.blocks.0.pre_ln.weight": "embed_norm.weight",
+        "rwkv.blocks.0.pre_ln.bias": "embed_norm.bias",
+        "rwkv.ln_out.weight": "final_norm.weight",
+        "rwkv.ln_out.bias": "final_norm.bias",
+        "head.weight": "lm_head.weight",
+    }
+    pairs = {
+        "ln1.weight": "mixer_norm.weight",
+        "ln1.bias": "mixer_norm.bias",
+        "ln2.weight": "mlp_norm.weight",
+        "ln2.bias": "mlp_norm.bias",
+        "attention.time_decay": "time_mix.decay",
+        "attention.time_first": "time_mix.bonus",
+        "attention.time_mix_key": "time_mix.mix_k",
+        "attention.time_mix_value": "time_mix.mix_v",
+        "attention.time_mix_receptance": "time_mix.mix_r",
+        "attention.key.weight": "time_mix.key.weight",
+        "attention.value.weight": "time_mix.value.weight",
+        "attention.receptance.weight": "time_mix.receptance.weight",
+        "attention.output.weight": "time_mix.output.weight",
+        "feed_forward.time_mix_key": "mlp.mix_k",
+        "feed_forward.time_mix_receptance": "mlp.mix_r",
+        "feed_forward.key.weight": "mlp.up.weight",
+        "feed_forward.value.weight": "mlp.down.weight",
+        "feed_forward.receptance.weight": "mlp.receptance.weight",
+    }
+    for i in range(n_layer):
+        for hf, ours in pairs.items():
+            table[f"rwkv.blocks.{i}.{hf}"] = f"layers.{i}.{ours}"
+    return table
+
+
+def rwkv_pair(seed: int = 0, **dims):
+    """A random statecast Rwkv and a transformers RwkvForCausalLM holding the same weights
+    (statecast's init, copied into transformers through ``hf_rwkv_names``). Both eval, fp32."""
+    from transformers import RwkvConfig as HfRwkvConfig
+    from transformers import RwkvForCausalLM
+
+    from statecast.arch.rwkv import Rwkv, RwkvConfig
+
+    cfg = RwkvConfig(**{**RWKV_169M, **dims})
+    ours = Rwkv(cfg)
+    ours.reset_parameters(generator=torch.Generator().manual_seed(seed))
+    hf_cfg = HfRwkvConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        attention_hidden_size=cfg.d_attn,
+        intermediate_size=cfg.d_ffn,
+        num_hidden_layers=cfg.n_layer,
+        rescale_every=0,
+        context_length=4096,
+        tie_word_embeddings=False,
+    )
+    try:  # skip transformers' random init (an orthogonal [V, C] head takes seconds)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - other transformers versions
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        hf = RwkvForCausalLM(hf_cfg)
+    sd = ours.state_dict()
+    shapes = {k: v.shape for k, v in hf.state_dict().items()}
+    hf.load_state_dict({k: sd[v].reshape(shapes[k]) for k, v in hf_rwkv_names(cfg.n_layer).items()}, strict=True)
+    return ours.eval(), hf.eval()
