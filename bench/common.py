@@ -218,50 +218,15 @@ def _json_default(o):
 RWKV_169M = dict(vocab_size=50277, d_model=768, n_layer=12, d_attn=768, d_ffn=3072)
 
 
-def hf_rwkv_names(n_layer: int) -> dict[str, str]:
-    """transformers RwkvForCausalLM tensor name -> statecast name (benchmark-local table;
-    the real converter lives in statecast.convert)."""
-    table = {
-        "rwkv.embeddings.weight": "embed.weight",
-        "rwkv.blocks.0.pre_ln.weight": "embed_norm.weight",
-        "rwkv.blocks.0.pre_ln.bias": "embed_norm.bias",
-        "rwkv.ln_out.weight": "final_norm.weight",
-        "rwkv.ln_out.bias": "final_norm.bias",
-        "head.weight": "lm_head.weight",
-    }
-    pairs = {
-        "ln1.weight": "mixer_norm.weight",
-        "ln1.bias": "mixer_norm.bias",
-        "ln2.weight": "mlp_norm.weight",
-        "ln2.bias": "mlp_norm.bias",
-        "attention.time_decay": "time_mix.decay",
-        "attention.time_first": "time_mix.bonus",
-        "attention.time_mix_key": "time_mix.mix_k",
-        "attention.time_mix_value": "time_mix.mix_v",
-        "attention.time_mix_receptance": "time_mix.mix_r",
-        "attention.key.weight": "time_mix.key.weight",
-        "attention.value.weight": "time_mix.value.weight",
-        "attention.receptance.weight": "time_mix.receptance.weight",
-        "attention.output.weight": "time_mix.output.weight",
-        "feed_forward.time_mix_key": "mlp.mix_k",
-        "feed_forward.time_mix_receptance": "mlp.mix_r",
-        "feed_forward.key.weight": "mlp.up.weight",
-        "feed_forward.value.weight": "mlp.down.weight",
-        "feed_forward.receptance.weight": "mlp.receptance.weight",
-    }
-    for i in range(n_layer):
-        for hf, ours in pairs.items():
-            table[f"rwkv.blocks.{i}.{hf}"] = f"layers.{i}.{ours}"
-    return table
-
-
 def rwkv_pair(seed: int = 0, **dims):
     """A random statecast Rwkv and a transformers RwkvForCausalLM holding the same weights
-    (statecast's init, copied into transformers through ``hf_rwkv_names``). Both eval, fp32."""
+    (statecast's init, copied into transformers through the converter's HF name table). Both eval, fp32."""
     from transformers import RwkvConfig as HfRwkvConfig
     from transformers import RwkvForCausalLM
 
     from statecast.arch.rwkv import Rwkv, RwkvConfig
+    from statecast.convert.rwkv import HF
+    from statecast.convert.tables import from_canonical_state
 
     cfg = RwkvConfig(**{**RWKV_169M, **dims})
     ours = Rwkv(cfg)
@@ -282,7 +247,5 @@ def rwkv_pair(seed: int = 0, **dims):
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
         hf = RwkvForCausalLM(hf_cfg)
-    sd = ours.state_dict()
-    shapes = {k: v.shape for k, v in hf.state_dict().items()}
-    hf.load_state_dict({k: sd[v].reshape(shapes[k]) for k, v in hf_rwkv_names(cfg.n_layer).items()}, strict=True)
+    hf.load_state_dict(from_canonical_state(HF, ours.state_dict()), strict=True)
     return ours.eval(), hf.eval()

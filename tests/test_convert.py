@@ -152,3 +152,17 @@ def test_native_exports_to_hf_that_transformers_runs(native_pth, tmp_path):
         ref = RwkvForCausalLM.from_pretrained(out, rescale_every=0).eval()(ids).logits
         ours = model(ids)[0]
     assert (ours - ref).abs().max() < 1e-4
+
+
+def test_in_memory_state_dict_mapping(hf_dir, pulled_hf):
+    from transformers import RwkvForCausalLM
+
+    from statecast.convert.tables import to_canonical_state
+    from statecast.errors import StatecastError
+
+    sd = RwkvForCausalLM.from_pretrained(hf_dir).state_dict()
+    ours = to_canonical_state(HF, sd)
+    on_disk = open_unified(pulled_hf).state_dict()
+    assert ours.keys() == on_disk.keys() and all(torch.equal(ours[k], on_disk[k]) for k in ours)
+    with pytest.raises(StatecastError, match="unexpected tensors bogus"):
+        to_canonical_state(HF, {**sd, "bogus": torch.zeros(1)})

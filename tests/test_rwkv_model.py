@@ -18,6 +18,8 @@ from statecast.arch.rwkv import (
     wkv_chunked,
     wkv_sequential,
 )
+from statecast.convert.rwkv import HF
+from statecast.convert.tables import to_canonical_state
 
 K = WKV_CHUNK
 V = 97
@@ -179,6 +181,44 @@ def test_prefill_then_step_equals_one_forward(split):
         assert (torch.cat([a, b], 1) - full).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("segment", [1, 7, K, 2 * K + 3])
+def test_segmented_prefill_matches_one_pass(segment, monkeypatch):
+    """forward() runs long inputs through the layers in segments: same logits, state, hidden."""
+    import statecast.arch.rwkv as rwkv_mod
+
+    model = make_model(seed=2)
+    ids = torch.randint(0, V, (2, 3 * K + 5), generator=torch.Generator().manual_seed(segment))
+    with torch.no_grad():
+        _, st0 = model(ids[:, :7])
+        monkeypatch.setattr(rwkv_mod, "PREFILL_SEGMENT", None)
+        ref, ref_state, ref_hidden = model(ids, st0, output_hidden=True)
+        monkeypatch.setattr(rwkv_mod, "PREFILL_SEGMENT", segment)
+        logits, state, hidden = model(ids, st0, output_hidden=True)
+    assert (logits - ref).abs().max() < 1e-5
+    assert_same_state(state, ref_state)
+    assert len(hidden) == len(ref_hidden)
+    for h, r in zip(hidden, ref_hidden):
+        assert h.shape == r.shape and (h - r).abs().max() < 1e-5
+
+
+def test_backward_is_finite_and_matches_sequential():
+    """The parallel path is differentiable (no in-place op on saved tensors, no 0/0 in the
+    padding) and its gradients equal the step-by-step ones."""
+    ids = torch.randint(0, V, (2, K + 5), generator=torch.Generator().manual_seed(9))
+    grads = []
+    for parallel in (True, False):
+        model = make_model(seed=4)
+        if parallel:
+            logits, _ = model(ids)
+        else:
+            logits, _ = run_steps(model, ids, None)
+        logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_step_shapes():
     model = make_model()
     with torch.no_grad():
@@ -205,43 +245,6 @@ def test_output_hidden():
 # --------------------------------------------------------------------------- transformers parity
 
 
-def hf_to_statecast(sd: dict, n_layer: int) -> dict:
-    """transformers RwkvForCausalLM names -> statecast names (a test-local table)."""
-    table = {
-        "rwkv.embeddings.weight": "embed.weight",
-        "rwkv.blocks.0.pre_ln.weight": "embed_norm.weight",
-        "rwkv.blocks.0.pre_ln.bias": "embed_norm.bias",
-        "rwkv.ln_out.weight": "final_norm.weight",
-        "rwkv.ln_out.bias": "final_norm.bias",
-        "head.weight": "lm_head.weight",
-    }
-    for i in range(n_layer):
-        s, d = f"rwkv.blocks.{i}.", f"layers.{i}."
-        for wb in ("weight", "bias"):
-            table[f"{s}ln1.{wb}"] = f"{d}mixer_norm.{wb}"
-            table[f"{s}ln2.{wb}"] = f"{d}mlp_norm.{wb}"
-        table.update(
-            {
-                s + "attention.time_decay": d + "time_mix.decay",
-                s + "attention.time_first": d + "time_mix.bonus",
-                s + "attention.time_mix_key": d + "time_mix.mix_k",
-                s + "attention.time_mix_value": d + "time_mix.mix_v",
-                s + "attention.time_mix_receptance": d + "time_mix.mix_r",
-                s + "attention.key.weight": d + "time_mix.key.weight",
-                s + "attention.value.weight": d + "time_mix.value.weight",
-                s + "attention.receptance.weight": d + "time_mix.receptance.weight",
-                s + "attention.output.weight": d + "time_mix.output.weight",
-                s + "feed_forward.time_mix_key": d + "mlp.mix_k",
-                s + "feed_forward.time_mix_receptance": d + "mlp.mix_r",
-                s + "feed_forward.key.weight": d + "mlp.up.weight",
-                s + "feed_forward.value.weight": d + "mlp.down.weight",
-                s + "feed_forward.receptance.weight": d + "mlp.receptance.weight",
-            }
-        )
-    assert set(sd) == set(table), set(sd) ^ set(table)
-    return {table[k]: v.reshape(-1) if v.dim() == 3 else v for k, v in sd.items()}  # [1,1,C] -> [C]
-
-
 @pytest.fixture(scope="module")
 def hf_pair():
     hf_cfg = HfRwkvConfig(
@@ -261,7 +264,7 @@ def hf_pair():
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
         hf.rwkv.embeddings.weight.normal_(0, 1.0, generator=g)
     ours = Rwkv(RwkvConfig(vocab_size=V, d_model=48, n_layer=3, d_attn=48, d_ffn=96)).eval()
-    ours.load_state_dict(hf_to_statecast(hf.state_dict(), 3), strict=True)
+    ours.load_state_dict(to_canonical_state(HF, hf.state_dict()), strict=True)
     return hf, ours
 
 

@@ -49,6 +49,12 @@ from torch import Tensor, nn
 from statecast.arch.layers import token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
+# Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
+# activation memory of long prompts, and keeps glibc from handing the large temporaries
+# back to the OS between layers: on the 169M shape at T=2048 (2 threads) one pass took
+# 1.35x the GEMM floor with 280k page faults, 512-token segments 1.19x with 100k (the
+# logits' own); 256: 1.24x, 1024: 1.21x.
+PREFILL_SEGMENT = 512
 _MAX_INIT = -1e38  # initial running log-scale, as rwkv_linear_attention_cpu
 
 
@@ -179,12 +185,13 @@ def wkv_chunked(
     Exact (to float64 rounding) while the spread of k within one call stays below ~700;
     RWKV keys are O(10), the tests use +-60 with decays exp(w) from 1e-3 to 30.
 
-    Measured with bench/bench_prefill.py (A=768, B=1, 2 threads, random k and v, best of 10):
-    per layer at T=1024, K=16 6.3 ms, K=32 8.0 ms, K=64 11.9 ms, and 74 ms for the float32
-    loop over T (``wkv_sequential``, the algorithm transformers runs on CPU); at T=2048
-    12.0 / 13.6 / 18.9 / 145 ms. So the WKV is ~4% of the 169M forward (~0.08 s of ~1.9 s
-    at T=1024, GEMMs ~1.5 s) instead of ~45%. Small K wins: the [A, K, K+1] matrix stays in
-    cache and the bmm flops grow with K, while the carry loop costs one small op per chunk.
+    Measured with bench/bench_prefill.py (A=768, B=1, 2 threads, best of 10; ranges over
+    three runs on a shared 2-core machine): per layer at T=1024, K=16 5.9-6.4 ms, K=32
+    7.4-8.0 ms, K=64 11.9-13.5 ms, the float32 loop over T (``wkv_sequential``, the
+    algorithm transformers runs on CPU) 59-97 ms; at T=2048 11.5-13.2 / 13.1-14.7 /
+    18.9-21.0 / 145-171 ms. So the WKV is ~4% of the 169M forward (~0.08 s of ~1.8 s
+    at T=1024, GEMMs ~1.5 s) instead of ~40%. Small K wins: the [A, K, K+1] matrix stays
+    in cache and the bmm flops grow with K, while the carry loop costs one small op per chunk.
     One bmm over concatenated [v-weighted; plain] weights was ~15% slower than two bmms
     (the concatenation copy), and a variant with per-chunk maxima and a log-domain carry
     (weighted means merged by sigmoid gates) was slower and 10x less accurate.
@@ -211,7 +218,7 @@ def wkv_chunked(
     D = _chunk_matrix(w, u, K)  # [A, K, K+1]
     Y_den = torch.bmm(ek.view(A, B * N, K), D).view(A, B, N, K + 1)
     Y_num = torch.bmm((ek * vc).view(A, B * N, K), D).view(A, B, N, K + 1)
-    del ek, kc, vc  # large temporaries die early: a smaller heap peak is not returned to the OS
+    del ek, kc, vc  # free early: a lower heap peak means fewer pages returned to the OS and refaulted
 
     # 3. carry (S, Z) / e^ref across chunks; chunk 0 decays the incoming state by K - pad
     #    steps only (pre-scaling it by e^(pad w) instead would overflow for large w)
@@ -226,13 +233,14 @@ def wkv_chunked(
     S_in = torch.stack(carried, dim=3).unsqueeze(-1)  # [A, 2, B, N, 1] state entering each chunk
 
     # 4. add the incoming state decayed by j steps (chunk 0: j - pad), in place on the bmm
-    #    outputs (bmm's backward does not need them), then divide at the real positions
+    #    outputs (bmm's backward does not need them), then divide
     steps = torch.arange(K, dtype=f64, device=w.device)  # [K]
     decay_j = torch.exp(-steps * w64[:, None])[:, None, None]  # [A, 1, 1, K]
     decay_0 = torch.exp(-(steps - pad).clamp(min=0) * w64[:, None])[:, None]  # [A, 1, K]
     for i, Y in enumerate((Y_num, Y_den)):
         Y[:, :, 1:, :K].addcmul_(S_in[:, i, :, 1:], decay_j)
         Y[:, :, 0, :K].addcmul_(S_in[:, i, :, 0], decay_0)
+    Y_den[:, :, 0, :pad] = 1.0  # padding positions (dropped below) must not divide 0/0
     out = (Y_num[..., :K] / Y_den[..., :K]).view(A, B, N * K)[:, :, pad:].float()  # [A, B, T]
 
     S_num, S_den = S[:, 0], S[:, 1]  # [A, B] final state / e^ref
@@ -333,12 +341,15 @@ class Rwkv(nn.Module):
     def __init__(self, cfg: RwkvConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # _weight: skip nn.Embedding's own normal_() init (reset_parameters below does it);
+        # on the meta device that call alone imports torch._dynamo (~1 s per conversion)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)  # HF pre_ln / native ln0
         self.layers = nn.ModuleList(RwkvBlock(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.final_norm_eps)  # ln_out
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:  # a meta model (shapes only) needs no init
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -389,25 +400,34 @@ class Rwkv(nn.Module):
 
         T > 1 runs the whole-sequence path (``wkv_chunked``), T == 1 the RNN step
         (``wkv_step``); everything else is shared. ``state`` None means an empty history.
+        Long inputs go through the layers in segments of PREFILL_SEGMENT tokens, carrying
+        the state (chunked prefill; same result), then through one head GEMM.
         """
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
         x = self.embed_norm(self.embed(input_ids))  # [B, T, C]
+        seg = PREFILL_SEGMENT or x.shape[1]
+        outs, hidden = [], [[] for _ in self.layers]
+        for s in range(0, x.shape[1], seg):
+            y, state = self._layers(x[:, s : s + seg], state, hidden if output_hidden else None)
+            outs.append(y)
+        x = self.final_norm(outs[0] if len(outs) == 1 else torch.cat(outs, 1))
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
+        logits = torch.matmul(x, head.T)  # [B, T, V]
+        if output_hidden:
+            return logits, state, [h[0] if len(h) == 1 else torch.cat(h, 1) for h in hidden]
+        return logits, state
+
+    def _layers(self, x: Tensor, state: RwkvState, hidden: list[list[Tensor]] | None):
+        # x: [B, T, C] embedded input -> residual stream after the last block, new state
         new = ([], [], [], [], [])  # per RwkvState field, one entry per layer
-        hidden = []
         for i, layer in enumerate(self.layers):
             x, layer_state = layer(x, *(s[i] for s in state))
             for acc, s in zip(new, layer_state):
                 acc.append(s)
-            if output_hidden:
-                hidden.append(x)
-        x = self.final_norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
-        logits = torch.matmul(x, head.T)  # [B, T, V]
-        new_state = RwkvState(*(torch.stack(acc) for acc in new))
-        if output_hidden:
-            return logits, new_state, hidden
-        return logits, new_state
+            if hidden is not None:
+                hidden[i].append(x)
+        return x, RwkvState(*(torch.stack(acc) for acc in new))
 
     def step(self, input_ids: Tensor, state: RwkvState | None = None):
         """RNN form, one token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""

@@ -157,3 +157,31 @@ def _source_shape(fmt: SourceFormat, name: str, canonical: Shape) -> Shape:
     """The source-side shape matching a canonical shape (for error messages)."""
     transform = fmt.from_canonical(name)[1]
     return tuple(TRANSFORMS[transform].inverse(torch.empty(canonical, device="meta")).shape)
+
+
+def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An in-memory source state dict (e.g. ``hf_model.state_dict()``) -> canonical names.
+
+    Same table and transforms as ``convert pull``; unknown keys are an error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, t in state.items():
+        hit = fmt.to_canonical(key)
+        if hit is None:
+            unknown.append(key)
+        elif hit is not False:
+            name, transform = hit
+            out[name] = TRANSFORMS[transform].forward(t)
+    if unknown:
+        raise StatecastError(f"{fmt.name}: unexpected tensors {_listing(unknown)}")
+    return out
+
+
+def from_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical names -> the source format's names (the inverse of :func:`to_canonical_state`)."""
+    out = {}
+    for name, t in state.items():
+        key, transform = fmt.from_canonical(name)
+        out[key] = TRANSFORMS[transform].inverse(t)
+    return out
