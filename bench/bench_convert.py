@@ -310,7 +310,7 @@ def table(r: dict) -> str:
         f"convert pull vs cp -r: RwkvForCausalLM {r['shape']}",
         f"  {r['rounds']} interleaved rounds, {r['cpus']} CPUs; {r['page_cache']}",
         f"  convert time = {r['convert_time']}; peak RSS from {r['rss_source']}",
-        f"  CPU busy (other processes) in the second before timing: "
+        "  CPU busy (other processes) in the second before timing: "
         + ("unknown" if r["cpu_busy_before"] is None else f"{100 * r['cpu_busy_before']:.0f}%")
         + ("  (WARNING: the machine is not idle; timings are unreliable)" if (r["cpu_busy_before"] or 0) > 0.1 else ""),
         "",

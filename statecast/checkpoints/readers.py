@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import mmap
-import os
 import pickle
 import struct
 from dataclasses import dataclass, field

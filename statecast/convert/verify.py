@@ -9,10 +9,8 @@ pass/fail thresholds live in one table, :data:`TOLERANCES`, keyed by our dtype.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
-from importlib import metadata
 from pathlib import Path
 
 import torch
