@@ -69,18 +69,20 @@ def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None
     else:
         ids = parse_ids(prompt_ids, um.config["vocab_size"])
 
+    new_ids: list[int] = []
     shown = ""
 
-    def stream(_: int) -> None:
+    def on_token(token: int) -> None:
+        """Collect the token; stream the text decoded so far (whole characters only)."""
         nonlocal shown
+        new_ids.append(token)
         if tok is not None and on_text is not None:
             text = tok.decode(new_ids)
-            if text.startswith(shown):
+            if text.startswith(shown) and not text.endswith("\ufffd"):
                 on_text(text[len(shown):])
                 shown = text
 
-    new_ids: list[int] = []
     generate_ids(model, ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
-                 on_token=lambda t: (new_ids.append(t), stream(t)))
+                 on_token=on_token)
     text = tok.decode(new_ids) if tok is not None else " ".join(map(str, new_ids))
     return {"prompt_ids": ids, "new_ids": new_ids, "text": text}

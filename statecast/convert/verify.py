@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..checkpoints.layout import open_unified, sha256_file, write_json_atomic
 from ..errors import ParityFailed, StatecastError
+from .generate import generate_ids
 from .loading import load_model, load_tokenizer, resolve_device
 from .references import REFERENCES, present_hidden
 
@@ -130,8 +131,6 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
 
     step("greedy decoding")
     prompt = batches[-1][0, :GREEDY_PROMPT].tolist()
-    from .generate import generate_ids
-
     ours_greedy = generate_ids(model, prompt, GREEDY_TOKENS)
     ref_greedy = ref.greedy(prompt, GREEDY_TOKENS)
     greedy = sum(a == b for a, b in zip(ours_greedy, ref_greedy)) / GREEDY_TOKENS
