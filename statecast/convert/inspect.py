@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def inspect_path(path: str | Path) -> dict:
         }
     det = detect(path)
     with open_tensors(det.files) as src:
-        n = sum(_numel(src.shape(k)) for k in src.keys())
+        n = sum(math.prod(src.shape(k)) for k in src.keys())
         dtypes = sorted({dtype_name(src.dtype(k)) for k in src.keys()})
         n_tensors = len(src.keys())
     return {
@@ -46,12 +48,6 @@ def inspect_path(path: str | Path) -> dict:
         "tokenizer": sorted(det.tokenizer),
     }
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def render(info: dict) -> str:

@@ -9,6 +9,8 @@ while the tensors are written (hashlib releases the GIL).
 
 from __future__ import annotations
 
+import math
+
 import concurrent.futures as cf
 import shutil
 from dataclasses import dataclass
@@ -98,7 +100,7 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
                 "family": det.family.name,
                 "config": ucfg,
                 "dtype": dtype_name(dtype) if dtype is not None else _main_dtype(plan),
-                "n_params": sum(_numel(p.shape) for p in plan),
+                "n_params": sum(math.prod(p.shape) for p in plan),
                 "source": {
                     "id": src.id,
                     "kind": src.kind,
@@ -144,18 +146,12 @@ def summary(path: Path, meta: dict) -> dict:
     }
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 def _main_dtype(plan: list[PlannedTensor]) -> str:
     """The dtype holding most parameters (a few tensors may be kept in float32)."""
     count: dict[torch.dtype, int] = {}
     for p in plan:
-        count[p.dtype] = count.get(p.dtype, 0) + _numel(p.shape)
+        count[p.dtype] = count.get(p.dtype, 0) + math.prod(p.shape)
     return dtype_name(max(count, key=count.get))
 
 
