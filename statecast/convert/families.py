@@ -31,9 +31,9 @@ class Family:
 
     def model_classes(self):
         """(ConfigClass, ModelClass) from ``statecast.arch`` (imported on use)."""
-        from ..arch import MODELS
+        from ..arch import model_classes
 
-        return MODELS[self.name]
+        return model_classes(self.name)
 
     def build(self, ucfg: dict, device: str | torch.device = "cpu"):
         cfg_cls, model_cls = self.model_classes()
