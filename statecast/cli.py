@@ -72,7 +72,7 @@ def pull(source, revision, out, dtype, force, quiet, as_json):
 @main.command()
 @click.argument("path")
 @device_option
-@dtype_option("Run our model in this dtype (default: the checkpoint's).")
+@dtype_option("Run our model in this dtype (default: float32, or the dtype `pull --dtype` cast to; the reference runs in float32).")
 @click.option("--reference", type=click.Path(), default=None, help="Original files, if they moved since conversion.")
 @json_option
 @handle_errors

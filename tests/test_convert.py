@@ -61,8 +61,9 @@ def test_tensor_values_follow_the_table(hf_dir, pulled_hf):
     src = _hf_state(hf_dir)
     ours = open_unified(pulled_hf).state_dict()
     for name, t in ours.items():
-        key, transform = HF.from_canonical(name)
-        expected = src[key].reshape(-1) if transform == "squeeze_1_1_c" else src[key]
+        target = HF.from_canonical(name)
+        key = target.source
+        expected = src[key].reshape(-1) if target.transform == "squeeze_1_1_c" else src[key]
         assert torch.equal(t, expected), name
 
 
@@ -85,7 +86,7 @@ def test_pull_native_pth(native_pth, tmp_path):
     sd = torch.load(native_pth, weights_only=True)
     ours = um.state_dict()
     for name, t in ours.items():
-        key, _ = NATIVE.from_canonical(name)
+        key = NATIVE.from_canonical(name).source
         assert torch.equal(t.reshape(-1), sd[key].reshape(-1)), name
     assert um.meta["tokenizer"] == ["tokenizer.json"]  # 20B_tokenizer.json, renamed
     assert Path(um.source["path"]) == native_pth

@@ -1,6 +1,6 @@
 """``convert export --format hf``: the unified layout back to Hugging Face format.
 
-The family's HF table read backwards: canonical name -> HF key, with each
+The HF table of the source's architecture read backwards: canonical name -> HF key, with each
 transform's inverse. Tensor bytes are unchanged, so HF -> unified -> HF
 round-trips exactly. (ONNX export is a separate module.)
 """
@@ -13,34 +13,37 @@ from pathlib import Path
 
 from ..checkpoints.layout import PlannedTensor, atomic_directory, open_unified, write_weights
 from ..errors import StatecastError
-from .families import FAMILIES
-from .tables import TRANSFORMS
+from .families import format_by_name
+from .tables import TRANSFORMS, group_by_source
 
 EXPORT_FORMATS = ("hf",)
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> dict:
     um = open_unified(model_path)
-    fam = FAMILIES[um.family]
+    fam, arch, fmt = format_by_name(um.source.get("format", ""))
+    base = um.source.get("hf_config")
+    if arch is None:  # a native source: write the family's Hub architecture, from scratch
+        arch = fam.arch(fam.native.export_as)
+        fmt, base = arch.formats[0], None
+    cfg = arch.hf_config(um.config, base)
     out = Path(out).absolute()
     with um.tensors() as tensors, atomic_directory(out, force=force) as tmp:
         plan = []
-        for name in tensors.keys():
-            key, transform = fam.hf.from_canonical(name)
+        for key, names, transform in group_by_source(fmt, tensors.keys()):
             t = TRANSFORMS[transform]
-            shape = tuple(t.inverse(_meta_like(tensors, name)).shape)
+            shape = tuple(t.join(tuple(_meta_like(tensors, n) for n in names)).shape)
 
-            def produce(name=name, t=t):
-                return t.inverse(tensors.get(name))
+            def produce(names=names, t=t):
+                return t.join(tuple(tensors.get(n) for n in names))
 
-            plan.append(PlannedTensor(key, shape, tensors.dtype(name), produce))
+            plan.append(PlannedTensor(key, shape, tensors.dtype(names[0]), produce))
         files, _ = write_weights(tmp, plan)
-        base = um.source.get("hf_config")
-        cfg = fam.hf_config(um.config, base)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name in um.meta.get("tokenizer", []):
             shutil.copyfile(um.path / name, tmp / name)
-    return {"path": str(out), "format": "hf", "family": um.family, "weights": files, "n_tensors": len(plan)}
+    return {"path": str(out), "format": "hf", "family": um.family, "architecture": arch.architecture,
+            "weights": files, "n_tensors": len(plan)}
 
 
 def _meta_like(tensors, name):

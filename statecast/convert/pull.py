@@ -62,13 +62,14 @@ def plan_tensors(det: Detected, src_tensors, ucfg: dict, dtype: torch.dtype | No
     shapes = {k: src_tensors.shape(k) for k in src_tensors.keys()}
     mapping = map_keys(det.fmt, shapes, det.family.expected_shapes(ucfg), str(det.root))
     plan = []
-    for name, (key, transform, shape) in mapping.entries.items():
-        out_dtype = src_tensors.dtype(key)
+    for name, (target, shape) in mapping.entries.items():
+        out_dtype = src_tensors.dtype(target.source)
         if dtype is not None and out_dtype.is_floating_point:
             out_dtype = torch.float32 if det.family.keeps_fp32(name) else dtype
 
-        def produce(key=key, transform=transform, out_dtype=out_dtype):
-            return TRANSFORMS[transform].forward(src_tensors.get(key)).to(out_dtype)
+        def produce(target=target, out_dtype=out_dtype):
+            piece = TRANSFORMS[target.transform].pieces(src_tensors.get(target.source))[target.part]
+            return piece.to(out_dtype)
 
         plan.append(PlannedTensor(name, tuple(shape), out_dtype, produce))
     return plan
@@ -105,11 +106,13 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
                     "id": src.id,
                     "kind": src.kind,
                     "format": det.fmt.name,
-                    "path": str(det.files[0] if det.fmt is det.family.native else det.root),
+                    "path": str(det.reference_path),
                     "revision": src.revision,
                     "sha": src.sha,
                     "files": {_rel(f, det.root): h.result() for f, h in hashes.items()},
                     "hf_config": det.hf_config,
+                    "dtype": _main_dtype([PlannedTensor(p.name, p.shape, tensors.dtype(_source_key(det, p.name)), None)
+                                          for p in plan]),
                 },
                 "weights": files,
                 "tokenizer": sorted(det.tokenizer),
@@ -145,6 +148,10 @@ def summary(path: Path, meta: dict) -> dict:
         "weights": meta["weights"],
     }
 
+
+
+def _source_key(det: Detected, name: str) -> str:
+    return det.fmt.from_canonical(name).source
 
 
 def _main_dtype(plan: list[PlannedTensor]) -> str:

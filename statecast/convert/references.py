@@ -25,6 +25,7 @@ from ..errors import StatecastError
 class Reference(abc.ABC):
     implementation: str
     version: str
+    weights: str  # how the original files reached the reference, for the report
     hidden_view = "raw"  # or "layer_norm": normalised without affine (when raw states are not exposed)
 
     @abc.abstractmethod
@@ -40,37 +41,105 @@ class Reference(abc.ABC):
         """``n`` greedily decoded token ids after ``prompt``."""
 
 
-class HfRwkvReference(Reference):
-    """transformers' ``RwkvForCausalLM``, float32, ``rescale_every=0`` (no eval-mode weight rescaling)."""
+class HfReference(Reference):
+    """transformers' class for the source architecture (``HfArch.architecture``), float32,
+    loaded with ``from_pretrained`` from the original directory.
 
-    def __init__(self, path: Path, device: torch.device):
-        from transformers import RwkvForCausalLM
+    Per-layer hidden states are read with forward hooks on the decoder blocks (the
+    residual stream after each block), because the ``output_hidden_states`` conventions
+    differ between classes (some put the final norm's output in the last slot).
+    """
+
+    def __init__(self, path: Path, device: torch.device, arch, n_layer: int):
+        import transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.implementation = "transformers.RwkvForCausalLM"
+        cls = getattr(transformers, arch.architecture)
+        self.implementation = f"transformers.{arch.architecture}"
         self.version = metadata.version("transformers")
         self.device = device
-        self.model = RwkvForCausalLM.from_pretrained(path, rescale_every=0, dtype=torch.float32).to(device).eval()
+        self.weights = f"from_pretrained({str(path)!r}, dtype=float32{''.join(f', {k}={v!r}' for k, v in arch.reference_kwargs)})"
+        self.model = self._load(cls, path, arch).to(device).eval()
+        self.blocks = _decoder_blocks(self.model, n_layer)
+
+    def _load(self, cls, path: Path, arch):
+        return cls.from_pretrained(path, dtype=torch.float32, **dict(arch.reference_kwargs))
 
     @torch.inference_mode()
     def logits(self, ids):
-        return self.model(ids.to(self.device)).logits.float().cpu()
+        return self.model(ids.to(self.device), use_cache=False).logits.float().cpu()
 
     @torch.inference_mode()
     def hidden(self, ids):
-        out = self.model(ids.to(self.device), output_hidden_states=True)
-        return [h.float().cpu() for h in out.hidden_states[: self.model.config.num_hidden_layers]]
+        out: list[torch.Tensor] = []
+
+        def grab(module, args, output):
+            out.append((output[0] if isinstance(output, tuple) else output).float().cpu())
+
+        hooks = [b.register_forward_hook(grab) for b in self.blocks]
+        try:
+            self.model(ids.to(self.device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
 
     @torch.inference_mode()
     def greedy(self, prompt, n):
-        out = self.model(torch.tensor([prompt], device=self.device), use_cache=True)
-        new = []
-        for _ in range(n):
-            tok = int(out.logits[0, -1].argmax())
-            new.append(tok)
-            out = self.model(torch.tensor([[tok]], device=self.device), state=out.state, use_cache=True)
-        return new
+        """transformers' own greedy ``generate`` with its cache, EOS disabled so exactly ``n`` tokens come out."""
+        from transformers import GenerationConfig
+
+        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0,
+                              use_cache=True)
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        return out[0, len(prompt):].tolist()
+
+
+def _decoder_blocks(model: torch.nn.Module, n_layer: int) -> torch.nn.ModuleList:
+    """The model's stack of decoder blocks: its first ModuleList with one entry per layer."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layer:
+            return module
+    raise StatecastError(f"cannot find the {n_layer} decoder blocks of {type(model).__name__}")
+
+
+class NativeMambaReference(HfReference):
+    """transformers' ``MambaForCausalLM`` holding the state-spaces tensors unchanged.
+
+    ``mamba_ssm`` (the native implementation) does not import without CUDA, so the
+    reference is transformers' class, which computes the same function. The native
+    names equal transformers' except the embedding (:data:`NATIVE_MAMBA_RENAMES`); the
+    tensors are loaded by name with ``strict=True`` (a tied ``lm_head.weight`` copy is
+    left to the tie) and no numeric change.
+    """
+
+    def _load(self, cls, path: Path, arch):
+        from transformers import AutoConfig
+
+        from ..checkpoints.readers import open_tensors, weight_files
+        from .families import detect, unified_config
+
+        det = detect(path)
+        with open_tensors(det.files) as src:
+            ucfg = unified_config(det, {k: src.shape(k) for k in src.keys()})
+        config = AutoConfig.for_model(arch.model_type, **arch.hf_config(ucfg, None))
+        with torch.device("meta"):
+            model = cls(config)
+        with open_tensors(weight_files(path)) as src:
+            state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).float() for k in src.keys()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        self.weights = (f"state-spaces tensors from {path} loaded into {arch.architecture} by name; renamed "
+                        + ", ".join(f"{a} -> {b}" for a, b in NATIVE_MAMBA_RENAMES.items()) + "; float32")
+        return model
+
+
+NATIVE_MAMBA_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
 
 class RwkvPackageReference(Reference):
@@ -96,6 +165,7 @@ class RwkvPackageReference(Reference):
 
             self.model = RWKV(model=str(path), strategy=f"{device.type} fp32", verbose=False)
         self.implementation = "rwkv.model.RWKV"
+        self.weights = f"RWKV(model={str(path)!r}, strategy='{device.type} fp32')"
 
     def _run(self, tokens: list[int], state=None):
         with contextlib.redirect_stdout(io.StringIO()):
@@ -131,10 +201,18 @@ class RwkvPackageReference(Reference):
         return new
 
 
-REFERENCES = {
-    "rwkv-hf": HfRwkvReference,
-    "rwkv-native": RwkvPackageReference,
-}
+def make_reference(fmt_name: str, path: Path, device: torch.device, n_layer: int) -> Reference:
+    """The reference implementation for a recorded source format."""
+    from .families import format_by_name
+
+    fam, arch, fmt = format_by_name(fmt_name)
+    if arch is not None:
+        return HfReference(path, device, arch, n_layer)
+    if fmt.name == "rwkv-native":
+        return RwkvPackageReference(path, device)
+    if fmt.name == "mamba-native":
+        return NativeMambaReference(path, device, fam.arch(fam.native.export_as), n_layer)
+    raise StatecastError(f"no reference implementation for source format {fmt_name!r}")
 
 
 def present_hidden(h: torch.Tensor, view: str) -> torch.Tensor:

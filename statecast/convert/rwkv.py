@@ -8,6 +8,7 @@ numeric transform is squeezing the ``[1, 1, C]`` time-mix coefficients to ``[C]`
 from __future__ import annotations
 
 from ..errors import StatecastError
+from .families import Family, HfArch, NativeFormat
 from .tables import Rule, SourceFormat
 
 
@@ -94,7 +95,7 @@ def config_from_hf(cfg: dict) -> dict:
     }
 
 
-def config_from_native(shapes: dict[str, tuple[int, ...]]) -> dict:
+def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None = None) -> dict:
     """Native ``.pth`` files carry no config: read the dimensions off the tensors."""
     n_layer = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
     vocab, d = shapes["emb.weight"]
@@ -130,3 +131,11 @@ def hf_config(ucfg: dict, base: dict | None = None) -> dict:
 # Kept in float32 whatever --dtype says: the WKV decay and bonus feed exp(), as
 # transformers' `_keep_in_fp32_modules = ["time_decay", "time_first"]` does.
 KEEP_FP32 = ("time_mix.decay", "time_mix.bonus")
+
+
+FAMILY = Family(
+    name="rwkv",
+    hf=(HfArch("rwkv", "RwkvForCausalLM", (HF,), config_from_hf, hf_config, reference_kwargs=(("rescale_every", 0),)),),
+    native=NativeFormat(NATIVE, match=is_native, config=config_from_native, check=check_native_version, export_as="rwkv"),
+    keep_fp32=KEEP_FP32,
+)

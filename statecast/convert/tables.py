@@ -27,17 +27,54 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Transform:
-    """A numeric transform applied to a tensor on its way to the canonical layout."""
+    """A numeric transform applied to a source tensor on its way to the canonical layout.
 
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    inverse: Callable[[torch.Tensor], torch.Tensor]
-    shape: Callable[[Shape], Shape]
+    ``parts > 1`` splits one source tensor into that many canonical tensors (GPT-2's fused
+    ``c_attn`` -> q, k, v): ``forward`` returns a tuple, ``inverse`` takes one, ``shape``
+    maps the source shape to a tuple of canonical shapes. Otherwise they take and return
+    single tensors and shapes.
+    """
+
+    forward: Callable
+    inverse: Callable
+    shape: Callable
+    parts: int = 1
+
+    def pieces(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.forward(t)) if self.parts > 1 else (self.forward(t),)
+
+    def piece_shapes(self, s: Shape) -> tuple[Shape, ...]:
+        return tuple(self.shape(s)) if self.parts > 1 else (self.shape(s),)
+
+    def join(self, ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.inverse(ts) if self.parts > 1 else self.inverse(ts[0])
+
+
+BAD: Shape = (-1,)  # an impossible shape: the tensor is reported as mis-shaped
 
 
 def _squeeze_shape(s: Shape) -> Shape:
     if len(s) < 1 or any(d != 1 for d in s[:-1]):
-        return (-1,) + s  # impossible shape: reported as mis-shaped
+        return BAD + s
     return (s[-1],)
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous()
+
+
+def _transposed_shape(s: Shape) -> Shape:
+    return (s[1], s[0]) if len(s) == 2 else BAD + s
+
+
+def _split3(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(p.contiguous() for p in t.chunk(3, dim=0))
+
+
+def _split3_shape(s: Shape) -> tuple[Shape, ...]:
+    if not s or s[0] % 3:
+        return (BAD + s,) * 3
+    return ((s[0] // 3, *s[1:]),) * 3
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -48,18 +85,38 @@ TRANSFORMS: dict[str, Transform] = {
         inverse=lambda t: t.reshape(1, 1, t.shape[-1]),
         shape=_squeeze_shape,
     ),
+    # GPT-2's Conv1D stores weights [in, out]; canonical is nn.Linear's [out, in].
+    "conv1d": Transform(forward=_transpose, inverse=_transpose, shape=_transposed_shape),
+    # GPT-2's fused attention input projection: Conv1D [C, 3*H*D] -> q, k, v as [H*D, C] each.
+    "conv1d_qkv": Transform(
+        forward=lambda t: _split3(t.T),
+        inverse=lambda ts: torch.cat(ts, 0).T.contiguous(),
+        shape=lambda s: _split3_shape(_transposed_shape(s)),
+        parts=3,
+    ),
+    # ... and its bias [3*H*D] -> three [H*D].
+    "split_qkv": Transform(forward=_split3, inverse=lambda ts: torch.cat(ts, 0), shape=_split3_shape, parts=3),
 }
 
 
 @dataclass(frozen=True)
 class Rule:
+    """``source`` -> ``canonical`` (a tuple of names for a transform with several parts)."""
+
     source: str
-    canonical: str
+    canonical: str | tuple[str, ...]
     transform: str = "identity"
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {self.transform!r} in rule {self.source}")
+        n = len(self.canonical) if isinstance(self.canonical, tuple) else 1
+        if n != TRANSFORMS[self.transform].parts:
+            raise ValueError(f"rule {self.source}: transform {self.transform} makes {TRANSFORMS[self.transform].parts} tensors, {n} named")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.canonical if isinstance(self.canonical, tuple) else (self.canonical,)
 
 
 def _compile(template: str) -> re.Pattern:
@@ -67,38 +124,61 @@ def _compile(template: str) -> re.Pattern:
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where one canonical tensor comes from: a source key, a transform, and which of its parts."""
+
+    name: str
+    source: str
+    transform: str
+    part: int = 0
+
+
+@dataclass(frozen=True)
 class SourceFormat:
-    """A checkpoint format: its name, family and name table."""
+    """A checkpoint format: its name, family and name table.
+
+    ``dropped`` source keys are ignored (non-persistent buffers some versions saved).
+    ``optional`` canonical names are dropped when the model does not have them: a tied
+    head saved as its own key (``lm_head.weight`` beside the embedding) maps onto nothing.
+    """
 
     name: str
     family: str
     rules: tuple[Rule, ...]
     dropped: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
     _fwd: list = field(default_factory=list, compare=False, repr=False)
     _rev: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._fwd.extend((_compile(r.source), r) for r in self.rules)
-        self._rev.extend((_compile(r.canonical), r) for r in self.rules)
+        for r in self.rules:
+            self._rev.extend((_compile(name), r, part) for part, name in enumerate(r.targets))
         self._fwd.extend((_compile(d), None) for d in self.dropped)
 
-    def to_canonical(self, key: str) -> tuple[str, str] | None | bool:
-        """(canonical name, transform) for a source key; False if dropped; None if unknown."""
+    def to_canonical(self, key: str) -> list[Target] | None | bool:
+        """The canonical tensors a source key becomes; False if dropped; None if unknown."""
         for pattern, rule in self._fwd:
             m = pattern.match(key)
             if m:
                 if rule is None:
                     return False
-                return rule.canonical.format(**m.groupdict()), rule.transform
+                g = m.groupdict()
+                return [Target(n.format(**g), key, rule.transform, part) for part, n in enumerate(rule.targets)]
         return None
 
-    def from_canonical(self, name: str) -> tuple[str, str]:
-        """(source key, transform) for a canonical name; unknown names are an error."""
-        for pattern, rule in self._rev:
+    def from_canonical(self, name: str) -> Target:
+        """Target.source is the source key a canonical name comes from; unknown names are an error."""
+        for pattern, rule, part in self._rev:
             m = pattern.match(name)
             if m:
-                return rule.source.format(**m.groupdict()), rule.transform
+                return Target(name, rule.source.format(**m.groupdict()), rule.transform, part)
         raise StatecastError(f"format {self.name} has no name for canonical tensor {name!r}")
+
+    def siblings(self, target: Target) -> list[str]:
+        """All canonical names made from ``target.source`` (in part order)."""
+        hits = self.to_canonical(target.source)
+        return [t.name for t in hits] if hits else [target.name]
 
 
 def _listing(names, limit: int = 8) -> str:
@@ -109,9 +189,9 @@ def _listing(names, limit: int = 8) -> str:
 
 @dataclass
 class Mapping:
-    """The checked plan: canonical name -> (source key, transform, canonical shape)."""
+    """The checked plan: canonical name -> (Target, canonical shape)."""
 
-    entries: dict[str, tuple[str, str, Shape]]
+    entries: dict[str, tuple[Target, Shape]]
     dropped: list[str]
 
 
@@ -120,32 +200,34 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
 
     Raises one error naming every unexpected, missing or mis-shaped tensor.
     """
-    entries: dict[str, tuple[str, str, Shape]] = {}
+    entries: dict[str, tuple[Target, Shape]] = {}
     unknown, dropped, duplicate = [], [], []
     for key, shape in source_shapes.items():
-        hit = fmt.to_canonical(key)
-        if hit is None:
+        hits = fmt.to_canonical(key)
+        if hits is None:
             unknown.append(key)
-        elif hit is False:
+            continue
+        if hits is False or all(t.name in fmt.optional and t.name not in expected for t in hits):
             dropped.append(key)
-        else:
-            name, transform = hit
-            if name in entries:
+            continue
+        shapes = TRANSFORMS[hits[0].transform].piece_shapes(tuple(shape))
+        for t, s in zip(hits, shapes):
+            if t.name in entries:
                 duplicate.append(key)
-            entries[name] = (key, transform, TRANSFORMS[transform].shape(shape))
-    unexpected = [entries[n][0] for n in entries if n not in expected] + unknown + duplicate
-    missing = [fmt.from_canonical(n)[0] for n in expected if n not in entries]
+            entries[t.name] = (t, s)
+    unexpected = [entries[n][0].source for n in entries if n not in expected] + unknown + duplicate
+    missing = [fmt.from_canonical(n).source for n in expected if n not in entries]
     problems = []
     if unexpected:
-        problems.append(f"unexpected tensors {_listing(unexpected)}")
+        problems.append(f"unexpected tensors {_listing(set(unexpected))}")
     if missing:
-        problems.append(f"missing tensors {_listing(missing)}")
+        problems.append(f"missing tensors {_listing(set(missing))}")
     if not problems:
-        bad = [
-            f"{entries[n][0]} has shape {tuple(source_shapes[entries[n][0]])}, expected {_source_shape(fmt, n, s)}"
+        bad = sorted({
+            f"{entries[n][0].source} has shape {tuple(source_shapes[entries[n][0].source])}, expected {_source_shape(fmt, n, expected)}"
             for n, s in expected.items()
-            if entries[n][2] != tuple(s)
-        ]
+            if entries[n][1] != tuple(s)
+        })
         if bad:
             problems.append("mis-shaped tensors: " + "; ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""))
     if problems:
@@ -153,26 +235,29 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
     return Mapping(entries={n: entries[n] for n in expected}, dropped=dropped)
 
 
-def _source_shape(fmt: SourceFormat, name: str, canonical: Shape) -> Shape:
-    """The source-side shape matching a canonical shape (for error messages)."""
-    transform = fmt.from_canonical(name)[1]
-    return tuple(TRANSFORMS[transform].inverse(torch.empty(canonical, device="meta")).shape)
+def _source_shape(fmt: SourceFormat, name: str, expected: dict[str, Shape]) -> Shape:
+    """The source-side shape matching the expected canonical shapes (for error messages)."""
+    target = fmt.from_canonical(name)
+    parts = tuple(torch.empty(expected[n], device="meta") for n in fmt.siblings(target))
+    return tuple(TRANSFORMS[target.transform].join(parts).shape)
 
 
 def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An in-memory source state dict (e.g. ``hf_model.state_dict()``) -> canonical names.
 
-    Same table and transforms as ``convert pull``; unknown keys are an error.
+    Same table and transforms as ``convert pull``; unknown keys are an error. Tied
+    aliases (``optional`` names) are kept; pass the result to ``load_state_dict(strict=False)``
+    or drop them when the model ties its head.
     """
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, t in state.items():
-        hit = fmt.to_canonical(key)
-        if hit is None:
+        hits = fmt.to_canonical(key)
+        if hits is None:
             unknown.append(key)
-        elif hit is not False:
-            name, transform = hit
-            out[name] = TRANSFORMS[transform].forward(t)
+        elif hits is not False:
+            for target, piece in zip(hits, TRANSFORMS[hits[0].transform].pieces(t)):
+                out[target.name] = piece
     if unknown:
         raise StatecastError(f"{fmt.name}: unexpected tensors {_listing(unknown)}")
     return out
@@ -181,7 +266,22 @@ def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dic
 def from_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Canonical names -> the source format's names (the inverse of :func:`to_canonical_state`)."""
     out = {}
-    for name, t in state.items():
-        key, transform = fmt.from_canonical(name)
-        out[key] = TRANSFORMS[transform].inverse(t)
+    for source, names, transform in group_by_source(fmt, state):
+        out[source] = TRANSFORMS[transform].join(tuple(state[n] for n in names))
     return out
+
+
+def group_by_source(fmt: SourceFormat, names) -> list[tuple[str, list[str], str]]:
+    """(source key, its canonical names in part order, transform) for every canonical name,
+    in first-seen order; a split tensor whose parts are not all present is an error."""
+    groups: dict[str, tuple[list[str], str]] = {}
+    for name in names:
+        target = fmt.from_canonical(name)
+        if target.source not in groups:
+            groups[target.source] = (fmt.siblings(target), target.transform)
+    present = set(names)
+    for source, (parts, _) in groups.items():
+        lacking = [p for p in parts if p not in present]
+        if lacking:
+            raise StatecastError(f"{fmt.name}: {source} needs {_listing(lacking)} as well")
+    return [(s, p, t) for s, (p, t) in groups.items()]

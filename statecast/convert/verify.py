@@ -2,9 +2,12 @@
 
 Same inputs, same device, on both sides: a fixed batch of random token sequences
 (2 x 64, seeded) plus encoded English text when the model has a tokenizer. The
-reference runs in float32 on the original files; our model runs in the dtype of
-the unified checkpoint (or ``--dtype``). Metrics are over all positions; the
-pass/fail thresholds live in one table, :data:`TOLERANCES`, keyed by our dtype.
+reference runs in float32 on the original files; our model runs in float32 unless
+``--dtype`` says otherwise (a bfloat16 or float16 source is upcast exactly, so both sides
+compute the same function in the same precision) or the conversion itself cast the
+weights (then in the cast dtype, with that dtype's tolerances). Metrics are over all
+positions; the pass/fail thresholds live in one table, :data:`TOLERANCES`, keyed by
+the dtype our model computes in.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..checkpoints.layout import open_unified, sha256_file, write_json_atomic
 from ..errors import ParityFailed, StatecastError
 from .generate import generate_ids
 from .loading import load_model, load_tokenizer, resolve_device
-from .references import REFERENCES, present_hidden
+from .references import make_reference, present_hidden
 
 # Thresholds by the dtype our model computes in. nmse_db and layer_nmse_db are
 # upper bounds (more negative is better); agreements are lower bounds (0..1).
@@ -80,6 +83,13 @@ def _step_by_step(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def default_dtype(meta: dict) -> str:
+    """float32, unless conversion cast the weights (``pull --dtype``): then the checkpoint's
+    dtype, judged by its own tolerances, since the original files hold other values."""
+    source_dtype = meta["source"].get("dtype")
+    return "float32" if source_dtype is not None and source_dtype == meta["dtype"] else meta["dtype"]
+
+
 @torch.inference_mode()
 def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
                progress=None) -> dict:
@@ -96,15 +106,14 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
             f = root / name
             if not f.is_file() or sha256_file(f) != digest:
                 raise StatecastError(f"the original file {f} is missing or changed since conversion; pass --reference PATH")
-    ref_cls = REFERENCES.get(src.get("format"))
-    if ref_cls is None:
-        raise StatecastError(f"no reference implementation for source format {src.get('format')!r}")
     step = progress or (lambda msg: None)
     step("loading models")
-    model, _ = load_model(um, dtype=dtype, device=str(dev))
-    ours_dtype = dtype or um.meta["dtype"]
+    ours_dtype = dtype or default_dtype(um.meta)
+    if ours_dtype not in TOLERANCES:
+        raise StatecastError(f"no parity tolerances for dtype {ours_dtype!r}; choose {', '.join(TOLERANCES)}")
+    model, _ = load_model(um, dtype=ours_dtype, device=str(dev))
     tol = TOLERANCES[ours_dtype]
-    ref = ref_cls(ref_path, dev)
+    ref = make_reference(src.get("format", ""), ref_path, dev, um.config["n_layer"])
     tok = load_tokenizer(um)
     batches = _inputs(um.config["vocab_size"], tok)
 
@@ -160,12 +169,14 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         "model": str(um.path),
         "family": um.family,
         "source": src.get("id"),
-        "reference": {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path), "dtype": "float32"},
+        "reference": {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path), "dtype": "float32",
+                      "weights": ref.weights},
         "statecast": __version__,
         "torch": torch.__version__,
         "device": str(dev) if dev.type == "cpu" else f"cuda ({torch.cuda.get_device_name(dev)})",
         "platform": platform.platform(),
         "dtype": ours_dtype,
+        "checkpoint_dtype": um.meta["dtype"],
         **{k: _json_float(v) if isinstance(v, float) else v for k, v in metrics.items()},
         "n_positions": n_pos,
         "inputs": {"random": f"{N_SEQ}x{SEQ_LEN} seed {SEED}", "text_tokens": int(batches[1].shape[1]) if len(batches) > 1 else 0},
@@ -184,8 +195,8 @@ def render_markdown(r: dict) -> str:
     lines = [
         f"# Parity report: {verdict}",
         "",
-        f"- model: `{r['model']}` ({r['family']}, {r['dtype']}) from `{r['source']}`",
-        f"- reference: {r['reference']['implementation']} {r['reference']['version']} (float32) on `{r['reference']['path']}`",
+        f"- model: `{r['model']}` ({r['family']}, stored {r['checkpoint_dtype']}, computed in {r['dtype']}) from `{r['source']}`",
+        f"- reference: {r['reference']['implementation']} {r['reference']['version']} (float32): {r['reference']['weights']}",
         f"- device: {r['device']}; statecast {r['statecast']}, torch {r['torch']}",
         f"- inputs: {r['inputs']['random']} random tokens"
         + (f" + {r['inputs']['text_tokens']} text tokens" if r["inputs"]["text_tokens"] else "")

@@ -1,0 +1,227 @@
+"""Decoder-only Transformer checkpoint formats: GPT-2 and the Llama family.
+
+GPT-2 (``GPT2LMHeadModel``) stores its linear layers as ``Conv1D`` ([in, out]) and
+fuses the attention input projection (``c_attn`` = q|k|v): the table transposes to
+``nn.Linear``'s [out, in] and splits ``c_attn`` into q, k and v, so attention and MLP
+tensors carry the same canonical names in every family. The Llama family
+(``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``) shares one name
+table; the architectures differ only in config flags (biases, sliding window).
+"""
+
+from __future__ import annotations
+
+from .families import Family, HfArch
+from .tables import Rule, SourceFormat
+
+
+def _norm(src: str, dst: str) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}.weight"), Rule(f"{src}.bias", f"{dst}.bias")]
+
+
+def _linear(src: str, dst: str, transform: str = "identity") -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}.weight", transform), Rule(f"{src}.bias", f"{dst}.bias")]
+
+
+def _gpt2_rules(prefix: str) -> tuple[Rule, ...]:
+    h, out = f"{prefix}h.{{i}}", "layers.{i}"
+    qkv = tuple(f"{out}.attn.{p}" for p in "qkv")
+    return (
+        Rule(f"{prefix}wte.weight", "embed.weight"),
+        Rule(f"{prefix}wpe.weight", "pos_embed.weight"),
+        *_norm(f"{h}.ln_1", f"{out}.mixer_norm"),
+        Rule(f"{h}.attn.c_attn.weight", tuple(f"{n}.weight" for n in qkv), "conv1d_qkv"),
+        Rule(f"{h}.attn.c_attn.bias", tuple(f"{n}.bias" for n in qkv), "split_qkv"),
+        *_linear(f"{h}.attn.c_proj", f"{out}.attn.o", "conv1d"),
+        *_norm(f"{h}.ln_2", f"{out}.mlp_norm"),
+        *_linear(f"{h}.mlp.c_fc", f"{out}.mlp.up", "conv1d"),
+        *_linear(f"{h}.mlp.c_proj", f"{out}.mlp.down", "conv1d"),
+        *_norm(f"{prefix}ln_f", "final_norm"),
+        Rule("lm_head.weight", "lm_head.weight"),
+    )
+
+
+# Causal-mask buffers that older transformers versions saved with the weights.
+_GPT2_BUFFERS = ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")
+
+GPT2 = SourceFormat("gpt2-hf", "transformer", _gpt2_rules("transformer."),
+                    dropped=tuple("transformer." + b for b in _GPT2_BUFFERS), optional=("lm_head.weight",))
+# openai-community/gpt2 and other early uploads were saved from GPT2Model: no "transformer." prefix.
+GPT2_BARE = SourceFormat("gpt2-hf-bare", "transformer", _gpt2_rules(""), dropped=_GPT2_BUFFERS,
+                         optional=("lm_head.weight",))
+
+
+def _llama_rules() -> tuple[Rule, ...]:
+    h, out = "model.layers.{i}", "layers.{i}"
+    return (
+        Rule("model.embed_tokens.weight", "embed.weight"),
+        Rule(f"{h}.input_layernorm.weight", f"{out}.mixer_norm.weight"),
+        *(r for p in "qkvo" for r in _linear(f"{h}.self_attn.{p}_proj", f"{out}.attn.{p}")),
+        Rule(f"{h}.post_attention_layernorm.weight", f"{out}.mlp_norm.weight"),
+        *(r for p in ("gate", "up", "down") for r in _linear(f"{h}.mlp.{p}_proj", f"{out}.mlp.{p}")),
+        Rule("model.norm.weight", "final_norm.weight"),
+        Rule("lm_head.weight", "lm_head.weight"),
+    )
+
+
+def _llama_format(name: str) -> SourceFormat:
+    # rotary_emb.inv_freq: a buffer that checkpoints from before transformers 4.31 contain.
+    return SourceFormat(name, "transformer", _llama_rules(), dropped=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
+                        optional=("lm_head.weight",))
+
+
+LLAMA, MISTRAL, QWEN2 = _llama_format("llama-hf"), _llama_format("mistral-hf"), _llama_format("qwen2-hf")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def gpt2_config_from_hf(cfg: dict) -> dict:
+    if cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("scale_attn_by_inverse_layer_idx=true is not supported")
+    d, heads = cfg["n_embd"], cfg["n_head"]
+    return {
+        "vocab_size": cfg["vocab_size"],
+        "d_model": d,
+        "n_layer": cfg["n_layer"],
+        "n_head": heads,
+        "n_kv_head": heads,
+        "head_dim": d // heads,
+        "d_ffn": cfg.get("n_inner") or 4 * d,
+        "norm": "layernorm",
+        "norm_eps": cfg.get("layer_norm_epsilon", 1e-5),
+        "mlp": "plain",
+        "act": cfg.get("activation_function", "gelu_new"),
+        "positions": "learned",
+        "max_positions": cfg.get("n_positions", 1024),
+        "qkv_bias": True,
+        "o_bias": True,
+        "mlp_bias": True,
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+        "attn_scale": None if cfg.get("scale_attn_weights", True) else 1.0,
+    }
+
+
+def gpt2_hf_config(ucfg: dict, base: dict | None = None) -> dict:
+    cfg = dict(base or {"bos_token_id": 50256, "eos_token_id": 50256, "use_cache": True})
+    cfg.update(
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        vocab_size=ucfg["vocab_size"],
+        n_embd=ucfg["d_model"],
+        n_layer=ucfg["n_layer"],
+        n_head=ucfg["n_head"],
+        n_inner=ucfg["d_ffn"],
+        n_positions=ucfg["max_positions"],
+        layer_norm_epsilon=ucfg["norm_eps"],
+        activation_function=ucfg["act"],
+        scale_attn_weights=ucfg["attn_scale"] is None,
+        tie_word_embeddings=ucfg["tie_embeddings"],
+    )
+    return cfg
+
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either spelling: transformers 5's ``rope_parameters`` or the
+    older top-level ``rope_theta`` + ``rope_scaling``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = dict(cfg.get("rope_scaling") or {})
+    if params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+    if kind == "default":
+        return float(theta), None
+    scaling.pop("type", None)
+    return float(theta), {**scaling, "rope_type": kind}
+
+
+def llama_config_from_hf(cfg: dict) -> dict:
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"):
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported")
+    theta, scaling = _rope(cfg)
+    bias = bool(cfg.get("attention_bias", False))
+    return {
+        "vocab_size": cfg["vocab_size"],
+        "d_model": d,
+        "n_layer": cfg["num_hidden_layers"],
+        "n_head": heads,
+        "n_kv_head": cfg.get("num_key_value_heads") or heads,
+        "head_dim": cfg.get("head_dim") or d // heads,
+        "d_ffn": cfg["intermediate_size"],
+        "norm": "rmsnorm",
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "mlp": "gated",
+        "act": cfg.get("hidden_act", "silu"),
+        "positions": "rope",
+        "max_positions": cfg.get("max_position_embeddings", 2048),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "qkv_bias": bias,
+        "o_bias": bias,
+        "mlp_bias": bool(cfg.get("mlp_bias", False)),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def mistral_config_from_hf(cfg: dict) -> dict:
+    return {**llama_config_from_hf(cfg), "sliding_window": cfg.get("sliding_window")}
+
+
+def qwen2_config_from_hf(cfg: dict) -> dict:
+    if cfg.get("use_sliding_window"):
+        raise ValueError("Qwen2 use_sliding_window=true (per-layer windows) is not supported")
+    return {**llama_config_from_hf(cfg), "qkv_bias": True, "o_bias": False}
+
+
+def llama_hf_config(ucfg: dict, base: dict | None = None, *, model_type: str = "llama",
+                    architecture: str = "LlamaForCausalLM") -> dict:
+    cfg = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "use_cache": True})
+    for stale in ("rope_theta", "rope_scaling"):
+        cfg.pop(stale, None)
+    scaling = ucfg.get("rope_scaling") or {"rope_type": "default"}
+    cfg.update(
+        architectures=[architecture],
+        model_type=model_type,
+        vocab_size=ucfg["vocab_size"],
+        hidden_size=ucfg["d_model"],
+        num_hidden_layers=ucfg["n_layer"],
+        num_attention_heads=ucfg["n_head"],
+        num_key_value_heads=ucfg["n_kv_head"],
+        head_dim=ucfg["head_dim"],
+        intermediate_size=ucfg["d_ffn"],
+        rms_norm_eps=ucfg["norm_eps"],
+        hidden_act=ucfg["act"],
+        max_position_embeddings=ucfg["max_positions"],
+        rope_parameters={**scaling, "rope_theta": ucfg["rope_theta"]},
+        tie_word_embeddings=ucfg["tie_embeddings"],
+    )
+    if model_type == "llama":
+        cfg.update(attention_bias=ucfg["qkv_bias"], mlp_bias=ucfg["mlp_bias"])
+    if model_type == "mistral":
+        cfg["sliding_window"] = ucfg.get("sliding_window")
+    return cfg
+
+
+def mistral_hf_config(ucfg: dict, base: dict | None = None) -> dict:
+    return llama_hf_config(ucfg, base, model_type="mistral", architecture="MistralForCausalLM")
+
+
+def qwen2_hf_config(ucfg: dict, base: dict | None = None) -> dict:
+    return llama_hf_config(ucfg, base, model_type="qwen2", architecture="Qwen2ForCausalLM")
+
+
+FAMILY = Family(
+    name="transformer",
+    hf=(
+        HfArch("gpt2", "GPT2LMHeadModel", (GPT2, GPT2_BARE), gpt2_config_from_hf, gpt2_hf_config),
+        HfArch("llama", "LlamaForCausalLM", (LLAMA,), llama_config_from_hf, llama_hf_config),
+        HfArch("mistral", "MistralForCausalLM", (MISTRAL,), mistral_config_from_hf, mistral_hf_config),
+        HfArch("qwen2", "Qwen2ForCausalLM", (QWEN2,), qwen2_config_from_hf, qwen2_hf_config),
+    ),
+)
