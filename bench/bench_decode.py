@@ -19,7 +19,6 @@ No wall-clock threshold is asserted; ratios come from the same run.
 from __future__ import annotations
 
 import torch
-
 from common import (
     RWKV_169M,
     base_args,

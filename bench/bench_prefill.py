@@ -22,7 +22,6 @@ Ratios are of best times (medians are printed too). No wall-clock threshold is a
 from __future__ import annotations
 
 import torch
-
 from common import (
     RWKV_169M,
     base_args,

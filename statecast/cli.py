@@ -79,7 +79,8 @@ def pull(source, revision, out, dtype, force, quiet, as_json):
 def verify(path, device, dtype, reference, as_json):
     """Compare the converted model at PATH with the original implementation; write parity.json/.md."""
     from .checkpoints.store import resolve
-    from .convert.verify import render_markdown, verify as do_verify
+    from .convert.verify import render_markdown
+    from .convert.verify import verify as do_verify
 
     report = do_verify(resolve(path), device=device, dtype=dtype, reference=reference, raise_on_fail=False,
                        progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
@@ -172,13 +173,17 @@ def list_(as_json):
 
 
 @main.command()
+@click.option("--family", "families", multiple=True, type=click.Choice(["rwkv", "mamba", "transformer"]),
+              help="Which family to demonstrate (repeatable; default: all).")
 @handle_errors
-def demo():
-    """Offline: build a tiny RWKV-4 with transformers, pull, verify, generate, print the parity report."""
-    from .convert.demo import run_demo
+def demo(families):
+    """Offline: build tiny seeded models with transformers, pull, verify, generate, print the parity reports."""
+    from .convert.demo import DEMO_BUILDERS, run_demo
 
-    result = run_demo(say=click.echo)
-    if not result["parity"]["passed"]:
+    results = run_demo(families or tuple(DEMO_BUILDERS), say=click.echo)
+    failed = [f for f, r in results.items() if not r["parity"]["passed"]]
+    if failed:
+        click.echo(f"parity FAILED for {', '.join(failed)}", err=True)
         sys.exit(1)
 
 

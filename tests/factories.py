@@ -1,7 +1,10 @@
 """Tiny real checkpoints for the tests, made with the libraries' own classes.
 
-Hub format: transformers' ``RwkvForCausalLM(config).save_pretrained`` (safetensors,
-sharded safetensors or ``pytorch_model.bin``). Native RWKV-4 ``.pth``: a state dict
+Hub format: transformers' own classes (``RwkvForCausalLM``, ``MambaForCausalLM``,
+``FalconMambaForCausalLM``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) and
+``save_pretrained`` (safetensors, sharded safetensors or ``pytorch_model.bin``), through
+the same builders as ``convert demo``. Native state-spaces Mamba: a ``config.json`` and
+``pytorch_model.bin`` as ``mamba_ssm`` writes them. Native RWKV-4 ``.pth``: a state dict
 with BlinkDL's tensor names and shapes (as ``rwkv.model.RWKV`` reads them), built
 here independently of statecast's tables, saved with ``torch.save``.
 """
@@ -13,21 +16,60 @@ from pathlib import Path
 
 import torch
 
-from statecast.convert.demo import build_hf_checkpoint, build_tokenizer
+from statecast.convert.demo import build_hf_checkpoint, build_hf_mamba, build_hf_transformer, build_tokenizer, spread_weights
 
 TINY = dict(hidden=32, layers=3, vocab=300)
 
 
 def hf_rwkv(out: Path, fmt: str = "safetensors", seed: int = 0, shard: str | None = None, **dims) -> Path:
-    dims = {**TINY, **dims}
-    if shard is None:
-        return build_hf_checkpoint(out, seed=seed, fmt=fmt, **dims)
-    from transformers import RwkvConfig, RwkvForCausalLM
+    return build_hf_checkpoint(out, seed=seed, fmt=fmt, shard=shard, **{**TINY, **dims})
+
+
+def hf_mamba(out: Path, **kw) -> Path:
+    return build_hf_mamba(out, **{"hidden": 32, "layers": 3, "vocab": 300, **kw})
+
+
+def hf_transformer(out: Path, style: str, **kw) -> Path:
+    return build_hf_transformer(out, style, **{"hidden": 32, "layers": 3, "vocab": 300, **kw})
+
+
+def gpt2_bare(out: Path, seed: int = 3) -> Path:
+    """GPT-2 saved from ``GPT2Model`` (no ``transformer.`` prefix, no head), as the
+    original openai-community/gpt2 upload is."""
+    from transformers import GPT2LMHeadModel
+
+    src = hf_transformer(out.with_name(out.name + "-full"), "gpt2", seed=seed, tied=True)
+    model = GPT2LMHeadModel.from_pretrained(src)
+    model.transformer.save_pretrained(out)
+    (out / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    return out
+
+
+# The only name that differs between the state-spaces format and transformers' Mamba.
+_STATE_SPACES_NAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+
+
+def native_mamba(out: Path, seed: int = 4, vocab: int = 300, pad_multiple: int = 8) -> Path:
+    """A state-spaces ``MambaLMHeadModel`` checkpoint: its ``config.json`` (d_model, n_layer,
+    ssm_cfg, pad_vocab_size_multiple, ...) and ``pytorch_model.bin`` with the embedding
+    padded to a multiple of ``pad_multiple`` and the tied head saved beside it."""
+    import json
+
+    from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = RwkvConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], num_hidden_layers=dims["layers"],
-                     intermediate_size=4 * dims["hidden"], context_length=128)
-    RwkvForCausalLM(cfg).save_pretrained(out, max_shard_size=shard, safe_serialization=(fmt == "safetensors"))
+    padded = math.ceil(vocab / pad_multiple) * pad_multiple
+    model = MambaForCausalLM(MambaConfig(vocab_size=padded, hidden_size=32, num_hidden_layers=3, state_size=16))
+    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    sd = {_STATE_SPACES_NAMES.get(k, k): v for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # mamba_ssm ties, and torch.save keeps both names
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, out / "pytorch_model.bin")
+    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 3, "vocab_size": vocab,
+              "ssm_cfg": {}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+              "fused_add_norm": True, "pad_vocab_size_multiple": pad_multiple, "tie_embeddings": True}
+    (out / "config.json").write_text(json.dumps(config))
+    build_tokenizer(vocab).save(str(out / "tokenizer.json"))
     return out
 
 

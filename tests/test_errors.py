@@ -7,14 +7,13 @@ import pickle
 import shutil
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from statecast.cli import main
-
-import factories
 
 
 def run_bad(args, expect: str, code: int = 2):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import json
+import math
 import os
 import shutil
 import tempfile

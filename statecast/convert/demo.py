@@ -1,15 +1,21 @@
-"""``convert demo``: the whole chain offline on a small seeded RWKV-4 built with transformers."""
+"""``convert demo``: the whole chain offline on small seeded models built with transformers.
+
+One builder per family (``DEMO_BUILDERS``); each saves a checkpoint in Hub format
+with a tokenizer, exactly what a Hub repo holds. The tests build their fixtures with
+the same functions.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..checkpoints import store
+from ..errors import StatecastError
 
-DEMO_NAME = "demo-rwkv4"
 CORPUS = (
     "statecast converts checkpoints of sequence models into one unified layout. "
     "It proves that the converted model gives the same logits as the original implementation, "
@@ -32,46 +38,133 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def build_hf_checkpoint(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320,
-                        fmt: str = "safetensors") -> Path:
-    """A seeded ``RwkvForCausalLM`` saved in Hub format with a tokenizer (what a Hub repo holds)."""
-    from transformers import RwkvConfig, RwkvForCausalLM
+@torch.no_grad()
+def spread_weights(model: torch.nn.Module, seed: int, keep: tuple[str, ...] = ()) -> None:
+    """Give a freshly initialised model trained-like magnitudes.
+
+    transformers' init (normal with std 0.02) makes nearly uniform logits, whose top-1
+    is decided by noise: matrices get std 1/sqrt(fan_in), embeddings std 1, norm weights
+    1 + N(0, 0.1), biases N(0, 0.1). Parameters whose names end with one of ``keep``
+    (e.g. Mamba's A_log, D and dt bias, which have a meaningful init) are left alone.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if any(name.endswith(k) for k in keep):
+            continue
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "emb" in name or "wte" in name or "wpe" in name
+                                                         else p.shape[-1] ** -0.5))
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        else:
+            p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _save(model, tok, out: Path, fmt: str, shard: str | None, dtype: torch.dtype | None) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    tok = build_tokenizer(vocab)
-    cfg = RwkvConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                     intermediate_size=4 * hidden, context_length=256, bos_token_id=0, eos_token_id=0)
-    model = RwkvForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=(fmt == "safetensors"))
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(out, safe_serialization=(fmt == "safetensors"), **kwargs)
     tok.save(str(out / "tokenizer.json"))
     return out
 
 
-def run_demo(say: Callable[[str], None] = print) -> dict:
-    """Build, pull, verify, generate; the source stays in the store so `convert verify` can be rerun."""
-    import shutil
+def build_hf_checkpoint(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320,
+                        fmt: str = "safetensors", shard: str | None = None) -> Path:
+    """A seeded ``RwkvForCausalLM`` saved in Hub format with a tokenizer."""
+    from transformers import RwkvConfig, RwkvForCausalLM
 
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg = RwkvConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                     intermediate_size=4 * hidden, context_length=256, bos_token_id=0, eos_token_id=0)
+    return _save(RwkvForCausalLM(cfg), tok, out, fmt, shard, None)
+
+
+def build_hf_mamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, state: int = 8,
+                   fmt: str = "safetensors", tied: bool = True, falcon: bool = False, shard: str | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """A seeded ``MambaForCausalLM`` (or ``FalconMambaForCausalLM``) in Hub format with a tokenizer."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg_cls, model_cls = (FalconMambaConfig, FalconMambaForCausalLM) if falcon else (MambaConfig, MambaForCausalLM)
+    cfg = cfg_cls(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, state_size=state,
+                  tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = model_cls(cfg)
+    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    return _save(model, tok, out, fmt, shard, dtype)
+
+
+def build_hf_transformer(out: Path, style: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 3,
+                         vocab: int = 320, heads: int = 4, kv_heads: int = 2, fmt: str = "safetensors",
+                         tied: bool = False, shard: str | None = None, dtype: torch.dtype | None = None,
+                         **extra) -> Path:
+    """A seeded ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+    ``Qwen2ForCausalLM`` in Hub format with a tokenizer. ``extra`` goes to the config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    v = tok.get_vocab_size()
+    if style == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=v, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+        if style not in names:
+            raise StatecastError(f"unknown transformer style {style!r}; choose gpt2, {', '.join(names)}")
+        cfg = getattr(transformers, names[style] + "Config")(
+            vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32, max_position_embeddings=512,
+            tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
+        model = getattr(transformers, names[style] + "ForCausalLM")(cfg)
+    spread_weights(model, seed)
+    return _save(model, tok, out, fmt, shard, dtype)
+
+
+DEMO_BUILDERS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
+    # family: (store name, description, builder)
+    "rwkv": ("demo-rwkv4", "RWKV-4 (RwkvForCausalLM)", build_hf_checkpoint),
+    "mamba": ("demo-mamba", "Mamba (MambaForCausalLM)", build_hf_mamba),
+    "transformer": ("demo-llama", "Llama with grouped-query attention (LlamaForCausalLM)", build_hf_transformer),
+}
+DEMO_NAME = DEMO_BUILDERS["rwkv"][0]
+
+
+def run_demo(families: tuple[str, ...] = tuple(DEMO_BUILDERS), say: Callable[[str], None] = print) -> dict:
+    """Build, pull, verify, generate for each family; sources stay in the store so
+    ``convert verify demo-...`` can be rerun."""
+    from ..checkpoints.layout import open_unified
     from .generate import generate
     from .pull import pull
     from .verify import render_markdown, verify
 
-    src = store.home() / "demo-source" / "rwkv4-tiny"
-    shutil.rmtree(src, ignore_errors=True)
-    build_hf_checkpoint(src)
-    info = pull(str(src), out=store.path_for(DEMO_NAME), force=True, progress=False)
-    from ..checkpoints.layout import open_unified
-
-    cfg = open_unified(info["path"]).config
-    say(f"1. built a seeded RWKV-4 ({cfg['n_layer']} layers x {cfg['d_model']}, vocab {cfg['vocab_size']}) "
-        f"with transformers, saved in Hub format: {src}")
-    say(f"2. convert pull {src} -> {info['path']} ({info['n_params']:,} parameters, {info['dtype']})")
-    report = verify(info["path"], device="cpu", raise_on_fail=False)
-    say(f"3. convert verify {DEMO_NAME} -> {'PASS' if report['passed'] else 'FAIL'} against "
-        f"{report['reference']['implementation']} {report['reference']['version']}")
-    gen = generate(info["path"], prompt="The quick brown fox", max_new_tokens=24)
-    say(f"4. convert generate {DEMO_NAME} --prompt 'The quick brown fox' -> {gen['text']!r}")
-    say("")
-    say(render_markdown(report))
-    return {"path": info["path"], "parity": report, "generate": gen}
+    results = {}
+    for n, family in enumerate(families, 1):
+        if family not in DEMO_BUILDERS:
+            raise StatecastError(f"unknown family {family!r}; choose from {', '.join(DEMO_BUILDERS)}")
+        name, what, build = DEMO_BUILDERS[family]
+        src = store.home() / "demo-source" / name
+        shutil.rmtree(src, ignore_errors=True)
+        build(src)
+        info = pull(str(src), out=store.path_for(name), force=True, progress=False)
+        cfg = open_unified(info["path"]).config
+        say(f"== {n}/{len(families)} {family}: {what}")
+        say(f"1. built a seeded {what.split(' (')[0]} ({cfg['n_layer']} layers x {cfg['d_model']}, vocab "
+            f"{cfg['vocab_size']}) with transformers, saved in Hub format: {src}")
+        say(f"2. convert pull {src} -> {info['path']} ({info['n_params']:,} parameters, {info['dtype']})")
+        report = verify(info["path"], device="cpu", raise_on_fail=False)
+        say(f"3. convert verify {name} -> {'PASS' if report['passed'] else 'FAIL'} against "
+            f"{report['reference']['implementation']} {report['reference']['version']}")
+        gen = generate(info["path"], prompt="The quick brown fox", max_new_tokens=24)
+        say(f"4. convert generate {name} --prompt 'The quick brown fox' -> {gen['text']!r}")
+        say("")
+        say(render_markdown(report))
+        results[family] = {"path": info["path"], "parity": report, "generate": gen}
+    return results

@@ -9,9 +9,8 @@ while the tensors are written (hashlib releases the GIL).
 
 from __future__ import annotations
 
-import math
-
 import concurrent.futures as cf
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
