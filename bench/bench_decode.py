@@ -1,16 +1,18 @@
-"""One-token-at-a-time decode speed of statecast's RWKV-4 against transformers and the
+"""One-token-at-a-time decode speed of statecast's models against transformers and the
 weight-streaming floor.
 
-    .venv/bin/python bench/bench_decode.py [--quick] [--json] [--threads N]
+    .venv/bin/python bench/bench_decode.py [--model rwkv-169m|mamba-130m|gpt2-small|llama-small]
+                                           [--quick] [--json] [--threads N]
 
-169M shape, random weights, float32, batch 1. Measured in one run:
-  statecast     prefill a short prompt with Rwkv.forward, then ``steps`` greedy
-                Rwkv.step calls (argmax fed back): ms/token over the steps
-  transformers  RwkvForCausalLM.generate (greedy, use_cache, same weights):
+Random weights of the named shape (``common.SHAPES``), float32, batch 1. Measured in one run:
+  statecast     prefill a short prompt with Model.forward, then ``steps`` greedy
+                Model.step calls (argmax fed back, state carried): ms/token over the steps
+  transformers  its class's generate (greedy, use_cache, same weights):
                 (time(max_new_tokens=steps+1) - time(max_new_tokens=1)) / steps,
                 so the prompt and the first token cancel out
   floor         bytes of weights one token must read (every matrix incl. the lm head,
-                the embedding row, and the small vectors) / matrix-vector bandwidth,
+                the embedding rows, and the small vectors; not the KV cache, which is
+                small at these lengths) / matrix-vector bandwidth,
                 measured here by timing fp32 matvecs of the lm head shape alone
   matvec floor  (for reference) one token's matvecs, same shapes, timed alone
 No wall-clock threshold is asserted; ratios come from the same run.
@@ -20,22 +22,22 @@ from __future__ import annotations
 
 import torch
 from common import (
-    RWKV_169M,
+    SHAPES,
     base_args,
     emit,
     environment,
+    model_pair,
     print_table,
-    rwkv_pair,
     set_threads,
     time_interleaved,
 )
 
 
 def weight_bytes_per_token(model) -> int:
-    """Every parameter is read once per token, except the embedding: one row."""
+    """Every parameter is read once per token, except the embedding tables: one row each."""
     total = 0
     for name, p in model.named_parameters():
-        n = p.numel() if name != "embed.weight" else p.shape[1]
+        n = p.numel() if name not in ("embed.weight", "pos_embed.weight") else p.shape[1]
         total += n * p.element_size()
     return total
 
@@ -57,7 +59,7 @@ def matvec_bandwidth_fn(V: int, C: int, n: int = 10):
 
 def matvec_floor_fn(model):
     """One token's matrix-vector products with the model's shapes, timed alone."""
-    mats = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight"]
+    mats = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and not n.endswith("embed.weight")]
     if model.lm_head is None:
         mats.append(model.embed.weight.detach())
     xs = [torch.randn(1, W.shape[1]) for W in mats]
@@ -72,16 +74,16 @@ def matvec_floor_fn(model):
 
 def main() -> None:
     p = base_args(__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(SHAPES), default="rwkv-169m", help="benchmark shape (default rwkv-169m)")
     p.add_argument("--steps", type=int, default=None, help="decode steps timed (default 64, quick 16)")
     p.add_argument("--prompt", type=int, default=16, help="prompt length")
     args = p.parse_args()
     threads = set_threads(args.threads)
     steps = args.steps or (16 if args.quick else 64)
     repeats = args.repeats or (2 if args.quick else 5)
-    dims = dict(RWKV_169M)
-    if args.quick:
-        dims.update(n_layer=4)
-    ours, hf = rwkv_pair(seed=0, **dims)
+    _, dims, _ = SHAPES[args.model]
+    dims = {**dims, **({"n_layer": 4} if args.quick else {})}
+    ours, hf = model_pair(args.model, seed=0, **dims)
     C, V = dims["d_model"], dims["vocab_size"]
     prompt = torch.randint(0, V, (1, args.prompt), generator=torch.Generator().manual_seed(1))
 
@@ -124,6 +126,7 @@ def main() -> None:
 
     result = {
         "bench": "decode",
+        "shape": args.model,
         "model": {**dims, "dtype": "float32", "batch": 1, "weights": "random (statecast init), same in both"},
         "threads": threads,
         "steps": steps,
@@ -146,7 +149,7 @@ def main() -> None:
         emit(result, True)
         return
     print_table(
-        f"RWKV-4 decode, {dims['n_layer']} layers C={C} V={V}, fp32, batch 1, {threads} threads, "
+        f"{args.model} decode, {dims['n_layer']} layers C={C} V={V}, fp32, batch 1, {threads} threads, "
         f"{steps} steps after a {args.prompt}-token prompt (ms/token, best of {repeats})",
         ["what", "ms/token", "vs floor", "note"],
         [
@@ -156,7 +159,7 @@ def main() -> None:
             ["transformers generate", tf_ms, tf_ms / floor_ms, f"tf/statecast {tf_ms / sc_ms:.2f}"],
         ],
         notes=[
-            "weights: random statecast init, copied into transformers' RwkvForCausalLM (rescale_every=0)",
+            f"weights: random statecast init, copied into transformers' {type(hf).__name__}",
             f"statecast/floor {sc_ms / floor_ms:.2f}, statecast/matvec-floor {sc_ms / mv_ms:.2f}, "
             f"transformers/statecast {tf_ms / sc_ms:.2f}; greedy tokens equal to transformers': {agree}/{steps + 1}",
             "contended samples (other processes busy, retried): "

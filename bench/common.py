@@ -212,40 +212,79 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-# --------------------------------------------------------------------------- RWKV models
+# --------------------------------------------------------------------------- models
 
 
 RWKV_169M = dict(vocab_size=50277, d_model=768, n_layer=12, d_attn=768, d_ffn=3072)
 
+# Benchmark shapes: (family, unified config, Hub model_type the transformers twin uses).
+SHAPES: dict[str, tuple[str, dict, str]] = {
+    "rwkv-169m": ("rwkv", RWKV_169M, "rwkv"),
+    "mamba-130m": ("mamba", dict(vocab_size=50280, d_model=768, n_layer=24, d_inner=1536, d_state=16, d_conv=4,
+                                 dt_rank=48), "mamba"),
+    # GPT-2 small, with 2048 learned positions so that T=2048 fits (random weights anyway)
+    "gpt2-small": ("transformer", dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, n_kv_head=12, head_dim=64,
+                                       d_ffn=3072, norm="layernorm", norm_eps=1e-5, mlp="plain", act="gelu_new",
+                                       positions="learned", max_positions=2048, qkv_bias=True, o_bias=True,
+                                       mlp_bias=True, tie_embeddings=True), "gpt2"),
+    # a small Llama: GPT-2-small width and depth, GQA 12/4, SwiGLU, untied head
+    "llama-small": ("transformer", dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, n_kv_head=4, head_dim=64,
+                                        d_ffn=2048, norm="rmsnorm", norm_eps=1e-5, mlp="gated", act="silu",
+                                        positions="rope", max_positions=4096, rope_theta=10000.0,
+                                        tie_embeddings=False), "llama"),
+}
 
-def rwkv_pair(seed: int = 0, **dims):
-    """A random statecast Rwkv and a transformers RwkvForCausalLM holding the same weights
-    (statecast's init, copied into transformers through the converter's HF name table). Both eval, fp32."""
-    from transformers import RwkvConfig as HfRwkvConfig
-    from transformers import RwkvForCausalLM
 
-    from statecast.arch.rwkv import Rwkv, RwkvConfig
-    from statecast.convert.rwkv import HF
+def model_pair(shape: str, seed: int = 0, **overrides):
+    """A random statecast model of a benchmark shape and transformers' class holding the
+    same weights (statecast's init, copied through the converter's Hub name table). Both eval, fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from statecast.convert.families import FAMILIES
     from statecast.convert.tables import from_canonical_state
 
-    cfg = RwkvConfig(**{**RWKV_169M, **dims})
-    ours = Rwkv(cfg)
+    family, dims, model_type = SHAPES[shape]
+    fam = FAMILIES[family]
+    arch = fam.arch(model_type)
+    cfg_cls, model_cls = fam.model_classes()
+    cfg = cfg_cls.from_unified({**dims, **overrides})
+    ours = model_cls(cfg)
     ours.reset_parameters(generator=torch.Generator().manual_seed(seed))
-    hf_cfg = HfRwkvConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        attention_hidden_size=cfg.d_attn,
-        intermediate_size=cfg.d_ffn,
-        num_hidden_layers=cfg.n_layer,
-        rescale_every=0,
-        context_length=4096,
-        tie_word_embeddings=False,
-    )
-    try:  # skip transformers' random init (an orthogonal [V, C] head takes seconds)
+    hf_cfg = AutoConfig.for_model(**{**arch.hf_config(cfg.to_unified(), None), **dict(arch.reference_kwargs)})
+    try:  # skip transformers' random init (e.g. an orthogonal [V, C] head takes seconds)
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - other transformers versions
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        hf = RwkvForCausalLM(hf_cfg)
-    hf.load_state_dict(from_canonical_state(HF, ours.state_dict()), strict=True)
+        hf = AutoModelForCausalLM.from_config(hf_cfg)
+    missing, unexpected = hf.load_state_dict(from_canonical_state(arch.formats[0], ours.state_dict()), strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]:
+        raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
     return ours.eval(), hf.eval()
+
+
+def rwkv_pair(seed: int = 0, **dims):
+    """``model_pair("rwkv-169m")`` with other dimensions."""
+    return model_pair("rwkv-169m", seed, **dims)
+
+
+def gemm_shapes(model, T: int) -> list[tuple[str, int, int, int, int]]:
+    """The matrix products of one forward over T tokens (batch 1): (what, batch, m, k, n).
+
+    Every 2-D weight but the embedding tables is a [T, in] x [in, out] product (the head
+    uses the embedding when tied); attention adds q k^T and (attention x v) per head."""
+    out = []
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not name.endswith("embed.weight"):
+            out.append((name, 1, T, p.shape[1], p.shape[0]))
+    if getattr(model, "lm_head", "absent") is None:
+        V, C = model.embed.weight.shape
+        out.append(("head (tied)", 1, T, C, V))
+    cfg = model.cfg
+    for i, kind in enumerate(cfg.to_unified().get("layer_kinds", [])):
+        if kind == "attention":
+            out.append((f"layers.{i} scores", cfg.n_head, T, cfg.head_dim, T))
+            out.append((f"layers.{i} weighted values", cfg.n_head, T, T, cfg.head_dim))
+    return out
