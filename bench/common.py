@@ -262,6 +262,7 @@ def model_pair(shape: str, seed: int = 0, **overrides):
         raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         hf.tie_weights()
+    hf.generation_config.eos_token_id = hf.config.eos_token_id = None  # generate exactly the tokens asked for
     return ours.eval(), hf.eval()
 
 

@@ -40,6 +40,7 @@ def inspect_path(path: str | Path) -> dict:
         "path": str(path),
         "family": det.family.name,
         "format": det.fmt.name,
+        "architecture": det.arch.architecture if det.arch else None,
         "files": [str(f) for f in det.files],
         "n_tensors": n_tensors,
         "n_params": n,
@@ -48,13 +49,15 @@ def inspect_path(path: str | Path) -> dict:
     }
 
 
-
 def render(info: dict) -> str:
     lines = [f"{info['path']}", f"  kind:      {info['kind']}", f"  family:    {info['family']}"]
     if info["kind"] == "unified":
         cfg = ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "layer_kinds")
         src = info["source"]
+        kinds = info["config"].get("layer_kinds", [])
+        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
         lines += [
+            f"  layers:    {len(kinds)} (" + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")",
             f"  dtype:     {info['dtype']}",
             f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['weights'])})",
             f"  config:    {cfg}",
@@ -66,7 +69,7 @@ def render(info: dict) -> str:
                      f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.3g}, NMSE {p['nmse_db']:.1f} dB, top-1 {p['top1_agreement']:.3f})"))
     else:
         lines += [
-            f"  format:    {info['format']}",
+            f"  format:    {info['format']}" + (f" ({info['architecture']})" if info["architecture"] else ""),
             f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['dtypes'])})",
             f"  files:     {', '.join(info['files'])}",
             f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",

@@ -87,13 +87,21 @@ class HfReference(Reference):
 
     @torch.inference_mode()
     def greedy(self, prompt, n):
-        """transformers' own greedy ``generate`` with its cache, EOS disabled so exactly ``n`` tokens come out."""
+        """transformers' own greedy ``generate`` with its cache, EOS disabled so exactly ``n`` tokens come out.
+
+        (An ``eos_token_id=None`` in the GenerationConfig passed in counts as unset and
+        the model's own EOS still stops generation; clearing it on the model does not.)
+        """
         from transformers import GenerationConfig
 
-        gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0,
-                              use_cache=True)
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        saved = self.model.generation_config.eos_token_id, self.model.config.eos_token_id
+        self.model.generation_config.eos_token_id = self.model.config.eos_token_id = None
+        try:
+            gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=0, use_cache=True)
+            ids = torch.tensor([prompt], device=self.device)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        finally:
+            self.model.generation_config.eos_token_id, self.model.config.eos_token_id = saved
         return out[0, len(prompt):].tolist()
 
 
@@ -124,7 +132,7 @@ class NativeMambaReference(HfReference):
         det = detect(path)
         with open_tensors(det.files) as src:
             ucfg = unified_config(det, {k: src.shape(k) for k in src.keys()})
-        config = AutoConfig.for_model(arch.model_type, **arch.hf_config(ucfg, None))
+        config = AutoConfig.for_model(**arch.hf_config(ucfg, None))
         with torch.device("meta"):
             model = cls(config)
         with open_tensors(weight_files(path)) as src:
