@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 from ..errors import StatecastError
-from .families import Family, HfArch, NativeFormat
-from .tables import Rule, SourceFormat
+from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
 
 _MIXER = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
           "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")

@@ -119,8 +119,8 @@ class NativeMambaReference(HfReference):
     ``mamba_ssm`` (the native implementation) does not import without CUDA, so the
     reference is transformers' class, which computes the same function. The native
     names equal transformers' except the embedding (:data:`NATIVE_MAMBA_RENAMES`); the
-    tensors are loaded by name with ``strict=True`` (a tied ``lm_head.weight`` copy is
-    left to the tie) and no numeric change.
+    tensors are loaded by name with ``strict=True`` and no numeric change (a tied head is
+    the embedding tensor itself).
     """
 
     def _load(self, cls, path: Path, arch):
@@ -137,8 +137,8 @@ class NativeMambaReference(HfReference):
             model = cls(config)
         with open_tensors(weight_files(path)) as src:
             state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).float() for k in src.keys()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
+        if config.tie_word_embeddings:  # the head IS the embedding, whatever copy the file holds
+            state["lm_head.weight"] = state["backbone.embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.tie_weights()

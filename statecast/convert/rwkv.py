@@ -8,8 +8,7 @@ numeric transform is squeezing the ``[1, 1, C]`` time-mix coefficients to ``[C]`
 from __future__ import annotations
 
 from ..errors import StatecastError
-from .families import Family, HfArch, NativeFormat
-from .tables import Rule, SourceFormat
+from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
 
 
 def _norm(src: str, dst: str) -> list[Rule]:

@@ -10,8 +10,7 @@ table; the architectures differ only in config flags (biases, sliding window).
 
 from __future__ import annotations
 
-from .families import Family, HfArch
-from .tables import Rule, SourceFormat
+from .tables import Family, HfArch, Rule, SourceFormat
 
 
 def _norm(src: str, dst: str) -> list[Rule]:
