@@ -274,12 +274,13 @@ def rwkv_pair(seed: int = 0, **dims):
 def gemm_shapes(model, T: int) -> list[tuple[str, int, int, int, int]]:
     """The matrix products of one forward over T tokens (batch 1): (what, batch, m, k, n).
 
-    Every 2-D weight but the embedding tables is a [T, in] x [in, out] product (the head
-    uses the embedding when tied); attention adds q k^T and (attention x v) per head."""
+    Every ``nn.Linear`` is a [T, in] x [in, out] product, plus the head when it is tied
+    to the embedding; attention adds q k^T and (attention x v) per head, computed in
+    full. Convolutions, norms, the scans and the embedding lookup are not products."""
     out = []
-    for name, p in model.named_parameters():
-        if p.dim() == 2 and not name.endswith("embed.weight"):
-            out.append((name, 1, T, p.shape[1], p.shape[0]))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out.append((name, 1, T, m.in_features, m.out_features))
     if getattr(model, "lm_head", "absent") is None:
         V, C = model.embed.weight.shape
         out.append(("head (tied)", 1, T, C, V))

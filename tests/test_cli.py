@@ -89,4 +89,20 @@ def test_demo_runs_offline(tmp_path):
     env = dict(os.environ, STATECAST_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "statecast.cli", "demo"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "# Parity report: PASS" in r.stdout and "convert generate" in r.stdout
+    assert r.stdout.count("# Parity report: PASS") == 3 and "FAIL" not in r.stdout
+    for family in ("rwkv", "mamba", "transformer"):
+        assert f"/3 {family}:" in r.stdout
+    assert "convert generate demo-llama" in r.stdout
+
+
+def test_demo_one_family_and_unknown_family(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from statecast.cli import main
+
+    monkeypatch.setenv("STATECAST_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(main, ["demo", "--family", "transformer"])
+    assert r.exit_code == 0, r.output
+    assert "1/1 transformer" in r.output and r.output.count("# Parity report: PASS") == 1
+    r = CliRunner().invoke(main, ["demo", "--family", "jamba"])
+    assert r.exit_code == 2 and "Invalid value for '--family'" in r.output

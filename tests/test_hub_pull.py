@@ -77,3 +77,22 @@ def test_pull_from_hub_api(hub_repo_dir, tmp_path):
     assert n_requests == len(hub.requests)
     r = convert(["pull", "acme/other", "--out", str(tmp_path / "x")], env_off, check=False)
     assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr
+
+
+def test_pull_sharded_llama_from_hub_api_then_verify(tmp_path):
+    """A sharded safetensors Llama (GQA) repo: the index and every shard come down, nothing else."""
+    import factories
+
+    src = factories.hf_transformer(tmp_path / "repo", "llama", shard="20KB", seed=9)
+    n_shards = len(list(src.glob("model-*.safetensors")))
+    with FakeHub([HubRepo("acme/llama-tiny", src)]) as hub:
+        env = hub.env(tmp_path / "hf") | {"STATECAST_HOME": str(tmp_path / "store")}
+        info = json.loads(convert(["pull", "acme/llama-tiny", "--json"], env).stdout)
+        fetched = {p.rsplit("/", 1)[-1] for m, p in hub.requests if m == "GET" and "/resolve/" in p}
+    assert info["family"] == "transformer" and info["source_format"] == "llama-hf"
+    assert {f for f in fetched if f.startswith("model")} == {"model.safetensors.index.json"} | {
+        p.name for p in src.glob("model-*.safetensors")}
+    assert n_shards > 1
+    # verify runs from the HF cache snapshot the pull recorded, with the server gone
+    r = convert(["verify", "acme/llama-tiny", "--json"], env | {"HF_HUB_OFFLINE": "1"})
+    assert json.loads(r.stdout)["passed"]

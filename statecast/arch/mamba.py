@@ -1,0 +1,849 @@
+"""Mamba-1 in pure PyTorch: config -> selective scan -> mixer -> block -> model.
+
+Mirrors, block by block:
+  * the paper: Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+    Spaces" (Algorithm 2, the selective SSM; sec. 3.4 / fig. 3, the Mamba block);
+  * transformers 5.24 ``models/mamba/modeling_mamba.py``: ``MambaMixer.forward`` on its
+    PyTorch path (``causal_conv1d_fn`` / ``causal_conv1d_update`` for the convolution,
+    ``mamba_selective_scan``'s recurrent loop for T > 1, ``mamba_selective_state_update``
+    for one token), ``MambaBlock`` (pre-norm, ``residual_in_fp32``), ``MambaModel``
+    (``norm_f``) and ``MambaForCausalLM`` (head tied to the embedding by default);
+  * ``models/falcon_mamba/modeling_falcon_mamba.py``: ``FalconMambaMixer`` normalises
+    dt, B and C (RMS, no learned scale, eps ``mixer_rms_eps``) right after ``x_proj``
+    (``bcdt_norm="rms"``);
+  * ``models/jamba/modeling_jamba.py``: ``JambaMambaMixer`` does the same with learned
+    scales (``dt_layernorm``/``b_layernorm``/``c_layernorm``; ``bcdt_norm="rms_weighted"``),
+    and has ``mamba_proj_bias`` / ``mamba_conv_bias`` flags. Jamba reuses ``MambaMixer``.
+
+Dimension letters used in shape comments:
+
+    B  batch
+    T  time (sequence length)
+    C  d_model      (residual stream, "hidden_size")
+    E  d_inner      (mixer width, "intermediate_size")
+    N  d_state      ("state_size")
+    R  dt_rank      ("time_step_rank")
+    W  d_conv       (causal conv width, "conv_kernel")
+    V  vocab
+    L  layers
+    K  scan segment length (tokens per pass of ``selective_scan``)
+
+The selective SSM, per channel e and state index n (ZOH for A, Euler for B, as in
+the paper and every reference implementation):
+
+    dt_t   = softplus(dt_proj(x_proj(x_t)[:R]) )                 [E]
+    h_t    = exp(dt_t A) * h_(t-1) + (dt_t x_t) B_t              [E, N], A = -exp(A_log)
+    y_t    = h_t C_t + D x_t                                      [E]
+    out_t  = out_proj(y_t * silu(z_t))
+
+Deviations from the references (numerical only; the same function is computed):
+  * The whole-sequence scan (``selective_scan``) runs the reference recurrence in
+    segments of K tokens with the state laid out [B, N, E] (E innermost), one fused
+    ``addcmul`` per token on preallocated buffers, and ``exp2(dt * A log2 e)`` instead
+    of ``exp(dt * A)`` (exp2 is ~2.7x faster than exp on CPU; rounding differs by a few
+    ulp). transformers materialises [B, E, T, N] for the whole sequence and does a
+    matvec per token. Chosen by measurement among several algorithms: see
+    ``bench/bench_scan.py`` and ``bench/README.md``.
+  * The whole-sequence path accepts an initial SSM state (transformers' PyTorch and
+    kernel paths start from zeros for T > 1), so a prefill can be split into pieces.
+  * The convolution keeps the last W-1 inputs (transformers' cache keeps W) and is
+    computed as W shifted multiply-adds in float32 on the [B, T, E] layout the GEMMs
+    produce, instead of ``F.conv1d`` on a transposed copy; same sums.
+  * The scan output y, the D skip and the silu gate are float32 for every model dtype
+    (transformers computes y = h C in the model dtype); the SSM state is float32 as in
+    transformers' cache. For float32 models this changes nothing.
+  * The logits come out in the model dtype (transformers casts them to float32), as in
+    the other statecast families.
+
+Optional compiled path (``scan_impl="compiled"``, set by the caller through
+``Mamba.set_scan_impl`` or ``MambaMixer.scan_impl``; never chosen implicitly): two small
+C++ CPU kernels built on first use with ``torch.utils.cpp_extension.load_inline``: the
+selective scan fused with the D skip and the silu gate (one loop over T per block of 16
+channels, vectorised over channels, polynomial exp2), and the causal conv fused with its
+silu. Used only for float32, T > 1, when autograd does not record; the pure-PyTorch path
+is the default, the reference and what export traces.
+
+Memory: on CPU every fresh [B, T, E] temporary of a layer is returned to the OS by the
+allocator and page-faulted in again by the next layer (measured: ~1 ms per 6 MB buffer at
+T=1024, as much as the op that fills it), so the whole-sequence path works in place where
+autograd allows it and sizes the scan's buffers by K, not T.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from statecast.arch.layers import RMSNorm, rms_norm
+
+BCDT_NORMS = ("none", "rms", "rms_weighted")
+SCAN_IMPLS = ("torch", "compiled")
+# K, tokens per segment of the whole-sequence scan: the two [B, K, N, E] buffers stay in
+# cache (K=32: 2 x 3 MB at E=1536, N=16). Measured per layer at T=1024 (bench/bench_scan.py,
+# 2 threads): K=8 18.4 ms, 16 15.4, 32 13.9, 64 16.9; at T=2048 K=32 and 64 tie (27 ms).
+SCAN_SEGMENT = 32
+# Tokens per pass through the layers in Mamba.forward (None: all at once), as RWKV's
+# PREFILL_SEGMENT. Measured on mamba-130m at T=2048: 1024- or 512-token passes change the
+# forward by < 1% (RWKV gains from them, Mamba does not), so one pass.
+PREFILL_SEGMENT = None
+_LOG2E = 1.0 / math.log(2.0)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    d_inner: int
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    norm_eps: float = 1e-5  # block norms and final_norm (HF layer_norm_epsilon)
+    proj_bias: bool = False  # in_proj / out_proj bias (HF use_bias)
+    conv_bias: bool = True  # HF use_conv_bias
+    bcdt_norm: str = "none"  # "none" (Mamba) | "rms" (Falcon Mamba) | "rms_weighted" (Jamba)
+    bcdt_norm_eps: float = 1e-6  # eps of the dt/B/C norms (Falcon mixer_rms_eps)
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layer", "d_inner", "d_state", "dt_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.d_conv, int) or self.d_conv < 2:
+            raise ValueError(f"MambaConfig.d_conv must be an integer >= 2, got {self.d_conv!r}")
+        if self.bcdt_norm not in BCDT_NORMS:
+            raise ValueError(f"MambaConfig.bcdt_norm must be one of {BCDT_NORMS}, got {self.bcdt_norm!r}")
+        for name in ("norm_eps", "bcdt_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MambaConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_unified(cls, cfg: dict) -> "MambaConfig":
+        """Build from the unified config; other keys ("family", ...) are ignored."""
+        names = {f.name for f in fields(cls)}
+        required = ("vocab_size", "d_model", "n_layer", "d_inner", "d_state", "d_conv", "dt_rank")
+        missing = [n for n in required if n not in cfg]
+        if missing:
+            raise ValueError(f"unified Mamba config lacks {missing}")
+        out = cls(**{k: v for k, v in cfg.items() if k in names})
+        kinds = cfg.get("layer_kinds")
+        if kinds is not None and list(kinds) != ["mamba"] * out.n_layer:
+            raise ValueError(f"Mamba layer_kinds must be ['mamba'] * {out.n_layer}, got {kinds!r}")
+        return out
+
+    def to_unified(self) -> dict:
+        return {**asdict(self), "layer_kinds": ["mamba"] * self.n_layer}
+
+
+class MambaState(NamedTuple):
+    """Recurrent state, stacked over layers; returned anew by every call, never mutated."""
+
+    conv: Tensor  # [L, B, E, W-1] model dtype: the last W-1 inputs of the causal conv (oldest first)
+    ssm: Tensor  # [L, B, E, N] float32: h after the last token
+
+
+# --------------------------------------------------------------------------- selective scan
+#
+# x, dt: [B, T, E] float32 (dt after softplus); A: [E, N] float32 (= -exp(A_log) < 0);
+# Bm, Cm: [B, T, N] float32; h: [B, E, N] float32. Every implementation returns
+# y [B, T, E] float32 (without the D skip) and the state after the last token [B, E, N].
+
+
+def ssm_step(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
+    """One token of the selective SSM: transformers' ``mamba_selective_state_update``.
+
+    x, dt: [B, E]; A: [E, N]; Bm, Cm: [B, N]; h: [B, E, N] -> y [B, E], new h [B, E, N].
+    Runs in the dtype of its inputs (tests use float64 as ground truth).
+    """
+    dA = torch.exp(dt[..., None] * A)  # [B, E, N] discretised A (ZOH)
+    dBx = (dt * x)[..., None] * Bm[:, None, :]  # [B, E, N] discretised B times x (Euler)
+    h = torch.addcmul(dBx, h, dA)  # h * dA + dBx
+    y = torch.matmul(h, Cm[..., None])[..., 0]  # [B, E]
+    return y, h
+
+
+def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
+    """Reference whole-sequence scan: ``ssm_step`` over T (transformers' recurrent loop in
+    ``mamba_selective_scan``, started from ``h`` instead of zeros)."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, h = ssm_step(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], h)
+        ys.append(y)
+    return torch.stack(ys, 1), h
+
+
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor, segment: int | None = None):
+    """Whole-sequence selective scan, pure PyTorch; same result as ``selective_scan_sequential``.
+
+    Algorithm: the reference recurrence, token by token, organised for the CPU:
+      * time is cut into segments of K = ``segment`` tokens (default SCAN_SEGMENT); per
+        segment the decays exp2(dt A log2 e) and the inputs (dt x) B are computed for all
+        K tokens at once into two preallocated [B, K, N, E] buffers that stay in cache,
+      * then one ``addcmul`` per token, h = dA_t h + u_t, written in place over u_t, so the
+        buffer ends up holding h for every token of the segment,
+      * then y = C h for the segment as one batched matvec.
+    The layout [B, K, N, E] (E innermost, contiguous) makes every broadcast a contiguous
+    row operation; the state is transposed to [B, E, N] only at the boundaries.
+
+    Exact up to float32 rounding (no rescaling, no division: every factor is a decay in
+    [0, 1]). With autograd recording, the same steps run without ``out=`` buffers.
+
+    Measured with bench/bench_scan.py (one layer of mamba-130m, E=1536, N=16, T=1024,
+    batch 1, 2 threads, best of 3): this 13.9 ms; transformers' loop 180 ms; one
+    ``ssm_step`` per token 76 ms; a two-level chunked scan (local scans of all chunks at
+    once, carry, correction pass) 31-50 ms; log-space cumulative sums 63 ms and inf/nan
+    once |A| sum(dt) > ~87 inside a chunk; Hillis-Steele doubling 41-46 ms; the optional
+    C++ kernel 9.1 ms. What costs here: ~3.5 us of dispatch per torch op (so one op per
+    token over [B, N, E], views made once per segment), exp (exp2 is ~2.7x cheaper), and
+    a contiguous [N, E] operand in the broadcasts (a transposed view made the decay pass
+    2.3x slower).
+    """
+    Bsz, T, E = x.shape
+    N = A.shape[1]
+    K = min(segment or SCAN_SEGMENT, T)
+    a2 = (A * _LOG2E).T.contiguous()  # [N, E] decay exponent in base 2 (contiguous: vectorised broadcast)
+    hs = h.transpose(1, 2)  # [B, N, E] view; only read
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm, h)):
+        return _selective_scan_autograd(x, dt, a2, Bm, Cm, hs, K)
+    # Every buffer is allocated once per call and sized by K, not T (fresh [B, T, ...]
+    # temporaries cost page faults that were measured to be as expensive as the ops)
+    y = x.new_empty(Bsz, T, E)
+    dA_buf = x.new_empty(Bsz, K, N, E)  # decays
+    H_buf = x.new_empty(Bsz, K, N, E)  # inputs (dt x) B, overwritten by the states
+    u_buf = x.new_empty(Bsz, K, 1, E)  # dt x
+    y_buf = x.new_empty(Bsz, K, 1, E)  # C h
+    carry = x.new_empty(Bsz, N, E)  # state between segments
+    for s in range(0, T, K):
+        k = min(K, T - s)
+        dt_s = dt[:, s : s + k, None, :]  # [B, k, 1, E]
+        dA = torch.mul(dt_s, a2, out=dA_buf[:, :k]).exp2_()  # [B, k, N, E]
+        u = torch.mul(dt_s, x[:, s : s + k, None, :], out=u_buf[:, :k])  # [B, k, 1, E]
+        H = torch.mul(u, Bm[:, s : s + k, :, None], out=H_buf[:, :k])  # [B, k, N, E]
+        # views made once per segment: indexing inside the loop costs as much as the op
+        for u_t, a_t in zip(H.unbind(1), dA.unbind(1)):  # [B, N, E] each
+            hs = u_t.addcmul_(a_t, hs)  # h_t = dA_t h_(t-1) + u_t, over u_t
+        C_s = Cm[:, s : s + k, None, :]  # [B, k, 1, N]
+        if Bsz == 1:  # y's rows are contiguous: the matvec writes them directly
+            torch.matmul(C_s, H, out=y[:, s : s + k, None, :])
+        else:
+            y[:, s : s + k] = torch.matmul(C_s, H, out=y_buf[:, :k])[:, :, 0]
+        hs = carry.copy_(hs)  # H_buf is overwritten by the next segment
+    return y, hs.transpose(1, 2).contiguous()
+
+
+def _selective_scan_autograd(x: Tensor, dt: Tensor, a2: Tensor, Bm: Tensor, Cm: Tensor, hs: Tensor, K: int):
+    """``selective_scan``'s steps without ``out=`` buffers, for autograd (a2: [N, E], hs: [B, N, E])."""
+    ys = []
+    for s in range(0, x.shape[1], K):
+        dt_s = dt[:, s : s + K, None, :]  # [B, k, 1, E]
+        dA = torch.exp2(dt_s * a2)  # [B, k, N, E]
+        U = (dt_s * x[:, s : s + K, None, :]) * Bm[:, s : s + K, :, None]  # [B, k, N, E]
+        states = []
+        for u_t, a_t in zip(U.unbind(1), dA.unbind(1)):
+            hs = torch.addcmul(u_t, a_t, hs)  # [B, N, E]
+            states.append(hs)
+        ys.append(torch.matmul(Cm[:, s : s + K, None, :], torch.stack(states, 1))[:, :, 0])  # [B, k, E]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
+    return y, hs.transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- compiled scan (optional)
+#
+# The same scan as one fused C++ loop (torch.utils.cpp_extension.load_inline, built on
+# first use with the local compiler). Optional: selected only by an explicit
+# ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_scan_impl); the pure path
+# above stays the default and the one ONNX export traces.
+
+_SCAN_CPP = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+constexpr int W = 16;  // channels per block (one AVX-512 / two AVX2 vectors of float32)
+
+// 2^x for x <= 0 (clamped at -126: 2^-126 ~ 1e-38 stands for anything smaller).
+// Round-to-nearest splits x = n + g, |g| <= 1/2; 2^g from Cephes' exp2f polynomial
+// (about 1 ulp); 2^n by writing the exponent bits. Plain code that compilers vectorise.
+static inline float exp2_neg(float x) {
+  x = std::max(x, -126.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = x + magic;
+  float n = t - magic;
+  float g = x - n;
+  float p = 1.535336188319500e-4f;
+  p = p * g + 1.339887440266574e-3f;
+  p = p * g + 9.618437357674640e-3f;
+  p = p * g + 5.550332471162809e-2f;
+  p = p * g + 2.402264791363012e-1f;
+  p = p * g + 6.931472028550421e-1f;
+  p = p * g + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  int32_t bits = (ti << 23) + (127 << 23);  // the low mantissa bits of t hold n
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// silu(v) = v * sigmoid(v), sigmoid from e = exp(-|v|) <= 1 (no overflow either side)
+static inline float silu(float v) {
+  const float e = exp2_neg(-std::abs(v) * 1.4426950408889634f);
+  const float s = (v >= 0.0f ? 1.0f : e) / (1.0f + e);
+  return v * s;
+}
+
+struct Rows {  // a [B, T, X] float tensor with unit stride in X
+  const float* p;
+  int64_t sb, st;
+  const float* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
+};
+
+Rows rows(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3 && t.stride(2) == 1, name,
+              ": expected a float32 CPU [B, T, X] tensor with unit stride in X");
+}
+
+void check_dense(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), name,
+              ": expected a contiguous float32 CPU tensor");
+}
+}  // namespace
+
+// y = (scan(x, dt, A, B, C; h0) + D x) * silu(z), per batch row and block of 16 channels.
+// x, dt, z: [B, T, E]; Bm, Cm: [B, T, N]; A2 = A log2(e): [N, E]; h0: [B, E, N]; D: [E].
+std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A2,
+                                                 const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& h0,
+                                                 const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                                 const std::optional<at::Tensor>& out) {
+  check_rows(x, "x");
+  check_rows(dt, "dt");
+  check_rows(Bm, "B");
+  check_rows(Cm, "C");
+  check_dense(A2, "A2");
+  check_dense(h0, "h0");
+  const int64_t Bsz = x.size(0), T = x.size(1), E = x.size(2), N = A2.size(0);
+  TORCH_CHECK(A2.size(1) == E && h0.size(0) == Bsz && h0.size(1) == E && h0.size(2) == N, "selective_scan: shapes");
+  const float* pD = nullptr;
+  if (D.has_value()) {
+    check_dense(*D, "D");
+    pD = D->data_ptr<float>();
+  }
+  Rows rz{nullptr, 0, 0};
+  if (z.has_value()) {
+    check_rows(*z, "z");
+    rz = rows(*z);
+  }
+  // y may be written over dt (out = dt): each (t, block) reads its dt before writing its y
+  at::Tensor y = out.has_value() ? *out : at::empty({Bsz, T, E}, x.options());
+  if (out.has_value()) {
+    check_dense(y, "out");
+    TORCH_CHECK(y.size(0) == Bsz && y.size(1) == T && y.size(2) == E, "selective_scan: out shape");
+  }
+  auto hT = at::empty({Bsz, E, N}, x.options());
+  const Rows rx = rows(x), rdt = rows(dt), rb = rows(Bm), rc = rows(Cm);
+  const float *pa = A2.data_ptr<float>(), *ph0 = h0.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  float* phT = hT.data_ptr<float>();
+  const int64_t nblk = (E + W - 1) / W;
+  at::parallel_for(0, Bsz * nblk, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> hbuf(N * W), abuf(N * W);
+    float* h = hbuf.data();
+    float* a2 = abuf.data();
+    float dtv[W], dtx[W], acc[W], skip[W], gate[W];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / nblk, d0 = (i % nblk) * W;
+      const int w = (int)std::min<int64_t>(W, E - d0);
+      std::fill(hbuf.begin(), hbuf.end(), 0.0f);
+      std::fill(abuf.begin(), abuf.end(), 0.0f);
+      for (int64_t n = 0; n < N; ++n)
+        for (int j = 0; j < w; ++j) {
+          a2[n * W + j] = pa[n * E + d0 + j];
+          h[n * W + j] = ph0[(b * E + d0 + j) * N + n];
+        }
+      for (int j = 0; j < W; ++j) skip[j] = (pD != nullptr && j < w) ? pD[d0 + j] : 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* dtr = rdt.row(b, t) + d0;
+        const float* xr = rx.row(b, t) + d0;
+        for (int j = 0; j < W; ++j) {
+          const float a = j < w ? dtr[j] : 0.0f, v = j < w ? xr[j] : 0.0f;
+          dtv[j] = a;
+          dtx[j] = a * v;
+          acc[j] = skip[j] * v;
+        }
+        const float* br = rb.row(b, t);
+        const float* cr = rc.row(b, t);
+        for (int64_t n = 0; n < N; ++n) {
+          const float bn = br[n], cn = cr[n];
+          const float* an = a2 + n * W;
+          float* hn = h + n * W;
+#pragma GCC ivdep
+          for (int j = 0; j < W; ++j) {
+            const float hv = exp2_neg(dtv[j] * an[j]) * hn[j] + dtx[j] * bn;
+            hn[j] = hv;
+            acc[j] += hv * cn;
+          }
+        }
+        float* yr = py + (b * T + t) * E + d0;
+        if (rz.p != nullptr) {
+          const float* zr = rz.row(b, t) + d0;
+          for (int j = 0; j < W; ++j) gate[j] = silu(j < w ? zr[j] : 0.0f);
+          for (int j = 0; j < w; ++j) yr[j] = acc[j] * gate[j];
+        } else {
+          for (int j = 0; j < w; ++j) yr[j] = acc[j];
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int j = 0; j < w; ++j) phT[(b * E + d0 + j) * N + n] = h[n * W + j];
+    }
+  });
+  return {y, hT};
+}
+
+// out[b, t] = silu(bias + sum_k wT[k] * in[b, t - (W-1) + k]), in[b, j < 0] = prev[b, W-1 + j].
+// x: [B, T, E] (unit stride in E); prev: [B, W-1, E]; wT: [W, E]; bias: [E].
+at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& wT,
+                            const std::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  check_dense(prev, "prev");
+  check_dense(wT, "wT");
+  const int64_t Bsz = x.size(0), T = x.size(1), E = x.size(2), K = wT.size(0);
+  TORCH_CHECK(wT.size(1) == E && prev.size(0) == Bsz && prev.size(1) == K - 1 && prev.size(2) == E,
+              "causal_conv_silu: shapes");
+  const float* pb = nullptr;
+  if (bias.has_value()) {
+    check_dense(*bias, "bias");
+    pb = bias->data_ptr<float>();
+  }
+  auto out = at::empty({Bsz, T, E}, x.options());
+  const Rows rx = rows(x);
+  const float *pp = prev.data_ptr<float>(), *pw = wT.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, Bsz * T, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / T, t = i % T;
+      float* o = po + i * E;
+      for (int64_t e = 0; e < E; ++e) o[e] = pb != nullptr ? pb[e] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t j = t - (K - 1) + k;
+        const float* src = j >= 0 ? rx.row(b, j) : pp + (b * (K - 1) + (K - 1) + j) * E;
+        const float* wk = pw + k * E;
+#pragma GCC ivdep
+        for (int64_t e = 0; e < E; ++e) o[e] += wk[e] * src[e];
+      }
+#pragma GCC ivdep
+      for (int64_t e = 0; e < E; ++e) o[e] = silu(o[e]);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(NAMESPACE, m) {
+  m.def("selective_scan(Tensor x, Tensor dt, Tensor A2, Tensor B, Tensor C, Tensor h0, Tensor? D, Tensor? z, Tensor(a!)? out) -> (Tensor, Tensor)");
+  m.def("causal_conv_silu(Tensor x, Tensor prev, Tensor wT, Tensor? bias) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
+  m.impl("selective_scan", &selective_scan);
+  m.impl("causal_conv_silu", &causal_conv_silu);
+}
+"""
+# -fno-trapping-math lets GCC if-convert the clamp and vectorise exp2_neg; -march=native
+# because the build is local (the build name includes the CPU model, see below).
+_SCAN_CFLAGS = ("-O3", "-march=native", "-fno-trapping-math")
+_compiled: dict = {}  # "op" -> the torch op, or "error" -> why it could not be built
+
+
+def load_compiled_scan(verbose: bool = False):
+    """Build (once per process; cached on disk by torch) and return the compiled ops
+    (``.selective_scan``, ``.causal_conv_silu``).
+
+    Raises RuntimeError when it cannot be built (no compiler, no ninja, ...).
+    """
+    if "op" in _compiled:
+        return _compiled["op"]
+    if "error" in _compiled:
+        raise RuntimeError(_compiled["error"])
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        key = "\0".join((_SCAN_CPP, *_SCAN_CFLAGS, cpu, torch.__version__)).encode()
+        name = "statecast_mamba_scan_" + hashlib.sha256(key).hexdigest()[:12]
+        load_inline(
+            name,
+            cpp_sources=[_SCAN_CPP.replace("NAMESPACE", name)],
+            extra_cflags=list(_SCAN_CFLAGS),
+            is_python_module=False,
+            no_implicit_headers=True,
+            verbose=verbose,
+        )
+        _compiled["op"] = getattr(torch.ops, name)
+    except Exception as e:  # noqa: BLE001 - any build failure means "not available"
+        _compiled["error"] = f"compiled selective scan unavailable: {type(e).__name__}: {e}"
+        raise RuntimeError(_compiled["error"]) from e
+    return _compiled["op"]
+
+
+def compiled_scan_available() -> bool:
+    """Whether the compiled scan builds here (tries once per process)."""
+    try:
+        load_compiled_scan()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _rows(t: Tensor) -> Tensor:
+    """float32 with unit stride in the last dimension (row strides are free in the kernels)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def selective_scan_compiled(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    Bm: Tensor,
+    Cm: Tensor,
+    h: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    out: Tensor | None = None,
+):
+    """``selective_scan`` as one fused C++ loop over T per block of 16 channels, vectorised
+    over the channels (no autograd; float32 CPU). With ``D`` [E] and ``z`` [B, T, E] it
+    also applies the D skip and the silu gate: y = (scan + D x) * silu(z), the mixer's
+    next two steps, without two more passes over [B, T, E]. ``out`` (contiguous float32
+    [B, T, E], may be ``dt`` itself) receives y instead of a fresh tensor."""
+    op = load_compiled_scan().selective_scan
+    a2 = (A.float() * _LOG2E).T.contiguous()  # [N, E]
+    D = None if D is None else D.float().contiguous()
+    z = None if z is None else _rows(z)
+    return op(_rows(x), _rows(dt), a2, _rows(Bm), _rows(Cm), h.float().contiguous(), D, z, out)
+
+
+def causal_conv_silu_compiled(x: Tensor, prev: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """silu(causal depthwise conv) as one C++ loop: x [B, T, E], prev [B, W-1, E] (the
+    inputs before x, oldest first), weight [E, W], bias [E] -> [B, T, E] float32."""
+    op = load_compiled_scan().causal_conv_silu
+    bias = None if bias is None else bias.float().contiguous()
+    return op(_rows(x), prev.float().contiguous(), weight.float().T.contiguous(), bias)
+
+
+# --------------------------------------------------------------------------- mixer
+
+
+class MambaMixer(nn.Module):
+    """The Mamba mixer (paper fig. 3 "Mamba" block; transformers ``MambaMixer`` /
+    ``FalconMambaMixer`` / ``JambaMambaMixer``): in_proj -> causal depthwise conv -> silu ->
+    selective SSM (dt, B, C from x_proj) -> D skip -> silu(z) gate -> out_proj.
+
+    Built from plain dimensions so that Jamba's Mamba layers reuse it. ``scan_impl``
+    ("torch" default, or "compiled") picks the whole-sequence scan; the caller sets it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_state: int,
+        d_conv: int,
+        dt_rank: int,
+        *,
+        proj_bias: bool = False,
+        conv_bias: bool = True,
+        bcdt_norm: str = "none",
+        bcdt_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if bcdt_norm not in BCDT_NORMS:
+            raise ValueError(f"bcdt_norm must be one of {BCDT_NORMS}, got {bcdt_norm!r}")
+        C, E, N, W, R = d_model, d_inner, d_state, d_conv, dt_rank
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = E, N, W, R
+        self.bcdt_norm, self.bcdt_norm_eps = bcdt_norm, bcdt_norm_eps
+        self.scan_impl = "torch"
+        self.in_proj = nn.Linear(C, 2 * E, bias=proj_bias)  # -> [x | z]
+        # depthwise causal conv, HF's weight shape [E, 1, W]; the padding is unused (we carry state)
+        self.conv1d = nn.Conv1d(E, E, W, groups=E, bias=conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # -> [dt | B | C]
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.empty(E, N))  # A = -exp(A_log)
+        self.D = nn.Parameter(torch.empty(E))
+        self.out_proj = nn.Linear(E, C, bias=proj_bias)
+        if bcdt_norm == "rms_weighted":
+            self.dt_norm = RMSNorm(R, eps=bcdt_norm_eps)
+            self.b_norm = RMSNorm(N, eps=bcdt_norm_eps)
+            self.c_norm = RMSNorm(N, eps=bcdt_norm_eps)
+        if not self.A_log.is_meta:
+            self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: MambaConfig) -> "MambaMixer":
+        return cls(
+            cfg.d_model,
+            cfg.d_inner,
+            cfg.d_state,
+            cfg.d_conv,
+            cfg.dt_rank,
+            proj_bias=cfg.proj_bias,
+            conv_bias=cfg.conv_bias,
+            bcdt_norm=cfg.bcdt_norm,
+            bcdt_norm_eps=cfg.bcdt_norm_eps,
+        )
+
+    @torch.no_grad()
+    def reset_parameters(
+        self,
+        generator: torch.Generator | None = None,
+        init_std: float = 0.1,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_floor: float = 1e-4,
+    ) -> None:
+        """transformers' ``MambaPreTrainedModel._init_weights`` for one mixer (defaults of
+        ``MambaConfig``: initializer_range 0.1, time_step 1e-3..0.1, floor 1e-4, "random"
+        dt_proj init, no prenorm rescale): S4D-real A_log = log(1..N), D = 1, dt_proj bias
+        = softplus^-1 of a log-uniform dt, kaiming-uniform conv and out_proj."""
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N))
+        self.D.fill_(1.0)
+        for lin in (self.in_proj, self.x_proj):
+            lin.weight.normal_(0.0, init_std, generator=generator)
+            if lin.bias is not None:
+                lin.bias.zero_()
+        std = R**-0.5
+        self.dt_proj.weight.uniform_(-std, std, generator=generator)
+        u = torch.rand(E, generator=generator, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5), generator=generator)
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.zero_()
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5), generator=generator)
+        if self.out_proj.bias is not None:
+            self.out_proj.bias.zero_()
+        if self.bcdt_norm == "rms_weighted":
+            for norm in (self.dt_norm, self.b_norm, self.c_norm):
+                norm.reset_parameters()
+
+    def _norm(self, t: Tensor, which: str) -> Tensor:
+        if self.bcdt_norm == "none":
+            return t
+        if self.bcdt_norm == "rms":  # FalconMambaWeightlessRMSNorm
+            return rms_norm(t, None, self.bcdt_norm_eps)
+        return getattr(self, which)(t)  # JambaRMSNorm
+
+    def forward(self, x: Tensor, conv: Tensor, ssm: Tensor):
+        """x [B, T, C] (normed residual stream), conv [B, E, W-1], ssm [B, E, N] float32
+        -> out [B, T, C], new conv [B, E, W-1], new ssm [B, E, N]. T == 1 is the one-step
+        recurrence (HF ``causal_conv1d_update`` + ``mamba_selective_state_update``)."""
+        T = x.shape[1]
+        E, N, R, W = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+        dtype = x.dtype
+        # autograd will record this call: no in-place rewrites of saved tensors, no C++ kernels
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        # the optional C++ kernels: float32, T > 1, no autograd (they have no backward)
+        compiled = self.scan_impl == "compiled" and T > 1 and dtype == torch.float32 and not needs_grad
+        xz = self.in_proj(x)  # [B, T, 2E]
+        xi, z = xz[..., :E], xz[..., E:]  # [B, T, E] each (strided views)
+
+        # 1. causal depthwise conv over [previous W-1 inputs | this call's T], then silu
+        w = self.conv1d.weight[:, 0].float()  # [E, W], tap W-1 = the current token
+        bias = self.conv1d.bias
+        if T == 1:  # HF causal_conv1d_update: one window
+            window = torch.cat([conv, xi.transpose(1, 2).to(conv.dtype)], dim=2)  # [B, E, W] oldest first
+            acc = (window.float() * w).sum(-1)[:, None, :]  # [B, 1, E]
+            if bias is not None:
+                acc = acc + bias.float()
+            new_conv = window[:, :, 1:]  # [B, E, W-1]
+            xa = F.silu(acc).to(dtype)  # [B, 1, E]
+        else:  # HF causal_conv1d_fn, started from the carried inputs instead of zeros
+            prev = conv.transpose(1, 2)  # [B, W-1, E] the inputs before this call, oldest first
+            if compiled:
+                xa = causal_conv_silu_compiled(xi, prev, w, bias)  # [B, T, E]
+            else:
+                xa = self._conv_silu(xi, prev, w, bias).to(dtype)
+            if T >= W - 1:
+                new_conv = xi[:, T - (W - 1) :].transpose(1, 2)  # [B, E, W-1] view of the last inputs
+            else:
+                new_conv = torch.cat([conv[:, :, T:], xi.transpose(1, 2).to(conv.dtype)], dim=2)
+
+        # 2. input-dependent dt, B, C (Falcon / Jamba: RMS-normalised)
+        dbc = self.x_proj(xa)  # [B, T, R + 2N]
+        dt_r = self._norm(dbc[..., :R], "dt_norm")  # [B, T, R]
+        Bm = self._norm(dbc[..., R : R + N], "b_norm").float()  # [B, T, N]
+        Cm = self._norm(dbc[..., R + N :], "c_norm").float()  # [B, T, N]
+        # HF: dt_proj.weight @ dt (no bias), + bias in float32, softplus
+        dt = F.linear(dt_r, self.dt_proj.weight).float().add_(self.dt_proj.bias.float())  # [B, T, E]
+        if needs_grad:
+            dt = F.softplus(dt)
+        else:  # in place: one fresh [B, T, E] buffer less (see "Memory" in the module docstring)
+            dt = torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+        A = -torch.exp(self.A_log.float())  # [E, N]
+
+        # 3. selective SSM, D skip, silu(z) gate (float32)
+        xf = xa.float()
+        if T == 1:
+            y, ssm = ssm_step(xf[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], ssm.float())
+            y = (y + xf[:, 0] * self.D.float()) * F.silu(z[:, 0].float())
+            y = y[:, None]  # [B, 1, E]
+        elif compiled:
+            y, ssm = selective_scan_compiled(xf, dt, A, Bm, Cm, ssm, self.D, z, out=dt)  # gated inside, over dt
+        else:
+            y, ssm = selective_scan(xf, dt, A, Bm, Cm, ssm.float())
+            # y is a fresh buffer: in place is safe, also for autograd; so is z (a view of
+            # this call's in_proj output) when nothing records it for backward
+            gate = F.silu(z.float()) if needs_grad or z.dtype != torch.float32 else F.silu(z, inplace=True)
+            y = y.addcmul_(xf, self.D.float()).mul_(gate)
+        out = self.out_proj(y.to(dtype))  # [B, T, C]
+        return out, new_conv.to(conv.dtype), ssm
+
+    @staticmethod
+    def _conv_silu(xi: Tensor, prev: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        """silu(causal depthwise conv), float32: xi [B, T, E], prev [B, W-1, E] -> [B, T, E].
+
+        Tap k (weight w[:, k]) sees the input W-1-k steps back: one multiply-add over the
+        positions whose input is in xi, one over the first few positions whose input is in
+        prev. No concatenated copy of the input."""
+        T, W = xi.shape[1], w.shape[1]
+        cur = w[:, W - 1]
+        acc = xi * cur if bias is None else torch.addcmul(bias.float(), xi, cur)  # [B, T, E] float32
+        acc = acc.float()
+        for k in range(W - 1):
+            s = W - 1 - k  # steps back
+            if T > s:
+                acc[:, s:].addcmul_(xi[:, : T - s], w[:, k])
+            n = min(s, T)  # positions t < s read prev[W-1-s+t]
+            acc[:, :n].addcmul_(prev[:, W - 1 - s : W - 1 - s + n], w[:, k])
+        return F.silu(acc, inplace=not acc.requires_grad)
+
+
+# --------------------------------------------------------------------------- block / model
+
+
+class MambaBlock(nn.Module):
+    """x + mamba(norm(x)), residual in float32 when ``residual_in_fp32`` (HF ``MambaBlock``)."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mamba = MambaMixer.from_config(cfg)
+
+    def forward(self, x: Tensor, conv: Tensor, ssm: Tensor):
+        # x: [B, T, C] residual stream (float32 after the first block when residual_in_fp32)
+        h = self.mixer_norm(x.to(self.mixer_norm.weight.dtype))
+        res = x.float() if self.residual_in_fp32 else x
+        out, conv, ssm = self.mamba(h, conv, ssm)
+        return res + out, conv, ssm
+
+
+class Mamba(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        # _weight: skip nn.Embedding's own normal_() init (reset_parameters below does it);
+        # on the meta device that call alone imports torch._dynamo (~1 s per conversion)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # HF norm_f
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if not self.embed.weight.is_meta:  # a meta model (shapes only) needs no init
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random init after transformers' ``MambaPreTrainedModel._init_weights`` (default
+        ``MambaConfig``): every mixer as ``MambaMixer.reset_parameters``, embedding and
+        untied head normal(0, 0.1), norms ones."""
+        for layer in self.layers:
+            layer.mamba.reset_parameters(generator)
+            layer.mixer_norm.reset_parameters()
+        self.embed.weight.normal_(0.0, 0.1, generator=generator)
+        if self.lm_head is not None:
+            self.lm_head.weight.normal_(0.0, 0.1, generator=generator)
+        self.final_norm.reset_parameters()
+
+    def set_scan_impl(self, impl: str) -> None:
+        """Choose the whole-sequence scan of every mixer: "torch" (default) or "compiled"
+        (builds the C++ kernel now; RuntimeError if it cannot)."""
+        if impl not in SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {impl!r}")
+        if impl == "compiled":
+            load_compiled_scan()
+        for layer in self.layers:
+            layer.mamba.scan_impl = impl
+
+    def init_state(self, batch: int, device=None) -> MambaState:
+        cfg = self.cfg
+        device = self.embed.weight.device if device is None else device
+        dtype = self.embed.weight.dtype
+        L, E = cfg.n_layer, cfg.d_inner
+        conv = torch.zeros(L, batch, E, cfg.d_conv - 1, dtype=dtype, device=device)
+        ssm = torch.zeros(L, batch, E, cfg.d_state, dtype=torch.float32, device=device)
+        return MambaState(conv, ssm)
+
+    def forward(self, input_ids: Tensor, state: MambaState | None = None, *, output_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V], new state (+ per-layer residual streams).
+
+        T > 1 runs the whole-sequence scan, T == 1 the one-step recurrence; both start from
+        ``state`` (None: empty history) and return the state after the last token. With
+        ``output_hidden`` a third value: one [B, T, C] tensor per layer, the residual stream
+        after that block (HF's ``hidden_states[:L]``; its last entry is ``norm_f`` of ours).
+        """
+        if state is None:
+            state = self.init_state(input_ids.shape[0], input_ids.device)
+        x = self.embed(input_ids)  # [B, T, C]
+        seg = PREFILL_SEGMENT or x.shape[1]
+        outs, hidden = [], [[] for _ in self.layers]
+        for s in range(0, x.shape[1], seg):
+            y, state = self._layers(x[:, s : s + seg], state, hidden if output_hidden else None)
+            outs.append(y)
+        x = self.final_norm(outs[0] if len(outs) == 1 else torch.cat(outs, 1))  # [B, T, C]
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
+        logits = torch.matmul(x.to(head.dtype), head.T)  # [B, T, V]
+        if output_hidden:
+            return logits, state, [h[0] if len(h) == 1 else torch.cat(h, 1) for h in hidden]
+        return logits, state
+
+    def _layers(self, x: Tensor, state: MambaState, hidden: list[list[Tensor]] | None):
+        # x: [B, T, C] embedded input -> residual stream after the last block, new state
+        convs, ssms = [], []
+        for i, layer in enumerate(self.layers):
+            x, conv, ssm = layer(x, state.conv[i], state.ssm[i])
+            convs.append(conv)
+            ssms.append(ssm)
+            if hidden is not None:
+                hidden[i].append(x)
+        return x, MambaState(torch.stack(convs), torch.stack(ssms))
+
+    def step(self, input_ids: Tensor, state: MambaState | None = None):
+        """One token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""
+        logits, state = self.forward(input_ids.reshape(-1, 1), state)
+        return (logits[:, 0] if input_ids.dim() == 1 else logits), state
