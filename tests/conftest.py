@@ -15,6 +15,16 @@ import factories  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors gain nothing from threads, and one thread keeps a test fast on a busy
+    machine (no thread-pool barriers waiting on a descheduled worker)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("STATECAST_HOME", str(tmp_path_factory.mktemp("store")))

@@ -119,6 +119,15 @@ def native_rwkv4(out_dir: Path, name: str = "RWKV-4-tiny.pth", tokenizer: bool =
     return path
 
 
+def run_steps(model, ids: torch.Tensor, state):
+    """Feed ``ids [B, T]`` one token at a time through ``model.step``: ([B, T, V] logits, final state)."""
+    outs = []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
 class CreatesFileWhenUnpickled:
     """Unpickling this calls ``open(marker, 'w')``: a stand-in for malicious code in a checkpoint."""
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from factories import run_steps
 from transformers import FalconMambaConfig as HfFalconMambaConfig
 from transformers import FalconMambaForCausalLM, JambaConfig, MambaForCausalLM
 from transformers import MambaConfig as HfMambaConfig
@@ -34,13 +35,7 @@ V = 97
 SMALL = MambaConfig(vocab_size=V, d_model=32, n_layer=3, d_inner=64, d_state=8, d_conv=4, dt_rank=4, tie_embeddings=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one thread keeps the file fast on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:
@@ -64,14 +59,6 @@ def make_model(cfg: MambaConfig = SMALL, seed: int = 0) -> Mamba:
     model.reset_parameters(generator=torch.Generator().manual_seed(seed))
     perturb_(model, seed + 100)
     return model.eval()
-
-
-def run_steps(model: Mamba, ids: torch.Tensor, state: MambaState | None):
-    outs = []
-    for t in range(ids.shape[1]):
-        logits, state = model.step(ids[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:

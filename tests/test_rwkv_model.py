@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from factories import run_steps
 from transformers import RwkvConfig as HfRwkvConfig
 from transformers import RwkvForCausalLM
 
@@ -26,14 +27,7 @@ V = 97
 SMALL = RwkvConfig(vocab_size=V, d_model=48, n_layer=3, d_attn=40, d_ffn=96)  # A != C on purpose
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and one thread keeps the file fast on a
-    busy machine (no thread-pool barriers waiting on a descheduled worker)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(cfg: RwkvConfig = SMALL, seed: int = 0) -> Rwkv:
@@ -50,14 +44,6 @@ def make_model(cfg: RwkvConfig = SMALL, seed: int = 0) -> Rwkv:
                 p.copy_(torch.rand(p.shape, generator=g))
         model.embed.weight.normal_(0, 1.0, generator=g)
     return model.eval()
-
-
-def run_steps(model: Rwkv, ids: torch.Tensor, state: RwkvState | None):
-    outs = []
-    for t in range(ids.shape[1]):
-        logits, state = model.step(ids[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def assert_same_state(a: RwkvState, b: RwkvState, atol: float = 1e-5):

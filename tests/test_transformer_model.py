@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from factories import run_steps
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -34,13 +35,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 LINEAR = {"rope_type": "linear", "factor": 2.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads (see test_rwkv_model)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,14 +114,6 @@ def make_model(cfg: TransformerConfig, seed: int = 0) -> Transformer:
 
 def ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def run_steps(model: Transformer, tokens: torch.Tensor, state: KVState | None):
-    outs = []
-    for t in range(tokens.shape[1]):
-        logits, state = model.step(tokens[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def close(a, b, tol=2e-6):

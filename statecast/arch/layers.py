@@ -21,11 +21,28 @@ its own file.
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def config_from_unified(cls, cfg: dict, kind: str):
+    """Build the frozen config dataclass ``cls`` of a one-kind model from a unified config.
+
+    Keys that are not fields (``family``, ``layer_kinds``, ...) are ignored, fields without
+    a default are required, and ``layer_kinds``, when present, must be ``[kind] * n_layer``.
+    """
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in cfg]
+    if missing:
+        raise ValueError(f"unified {cls.__name__} lacks {missing}")
+    names = {f.name for f in fields(cls)}
+    out = cls(**{k: v for k, v in cfg.items() if k in names})
+    kinds = cfg.get("layer_kinds")
+    if kinds is not None and list(kinds) != [kind] * out.n_layer:
+        raise ValueError(f"{cls.__name__}: layer_kinds must be [{kind!r}] * {out.n_layer}, got {kinds!r}")
+    return out
 
 def token_shift(x: Tensor, last: Tensor) -> Tensor:
     """The previous position's input at every position: ``out[:, t] = x[:, t-1]``,
@@ -127,7 +144,7 @@ def _activation(name: str):
     return ACTIVATIONS[name]
 
 
-def _exporting() -> bool:
+def is_exporting() -> bool:
     """Inside ``torch.jit.trace`` (``torch.onnx.export``'s TorchScript path) or dynamo /
     ``torch.export``: take the one functional path that serves every shape."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -137,7 +154,7 @@ def _inplace_ok(t: Tensor) -> bool:
     """Whether an elementwise op may overwrite ``t``, a fresh intermediate: not when autograd
     may need it, nor while exporting. In place saves a new [B, T, F] buffer, whose page
     faults cost as much as the op itself at T=1024 (see ``rwkv.ChannelMix``)."""
-    return not (t.requires_grad or _exporting())
+    return not (t.requires_grad or is_exporting())
 
 
 class MLP(nn.Module):
@@ -292,7 +309,7 @@ def attention_bias(
     any explicit mask at T=1024 (16 ms vs 24 ms per GPT-2-small layer, 2 threads). Exported
     graphs always take the mask, one path for every T and P.
     """
-    if not _exporting() and past_len == 0 and (sliding_window is None or q_len <= sliding_window):
+    if not is_exporting() and past_len == 0 and (sliding_window is None or q_len <= sliding_window):
         return None
     q_pos = torch.arange(q_len, device=device) + past_len  # [T] absolute query positions
     k_pos = torch.arange(past_len + q_len, device=device)  # [S]

@@ -74,14 +74,14 @@ from __future__ import annotations
 import hashlib
 import math
 import platform
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import RMSNorm, rms_norm
+from statecast.arch.layers import RMSNorm, config_from_unified, rms_norm
 
 BCDT_NORMS = ("none", "rms", "rms_weighted")
 SCAN_IMPLS = ("torch", "compiled")
@@ -132,16 +132,7 @@ class MambaConfig:
     @classmethod
     def from_unified(cls, cfg: dict) -> "MambaConfig":
         """Build from the unified config; other keys ("family", ...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        required = ("vocab_size", "d_model", "n_layer", "d_inner", "d_state", "d_conv", "dt_rank")
-        missing = [n for n in required if n not in cfg]
-        if missing:
-            raise ValueError(f"unified Mamba config lacks {missing}")
-        out = cls(**{k: v for k, v in cfg.items() if k in names})
-        kinds = cfg.get("layer_kinds")
-        if kinds is not None and list(kinds) != ["mamba"] * out.n_layer:
-            raise ValueError(f"Mamba layer_kinds must be ['mamba'] * {out.n_layer}, got {kinds!r}")
-        return out
+        return config_from_unified(cls, cfg, "mamba")
 
     def to_unified(self) -> dict:
         return {**asdict(self), "layer_kinds": ["mamba"] * self.n_layer}

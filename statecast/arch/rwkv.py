@@ -39,14 +39,14 @@ Deviations from the references (all numerical-only; same function computed):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import token_shift
+from statecast.arch.layers import config_from_unified, token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
 # Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
@@ -77,15 +77,7 @@ class RwkvConfig:
         """Build from the unified config; other keys ("family", ...) are ignored."""
         if cfg.get("version", 4) != 4:
             raise ValueError(f"only RWKV-4 is supported, got version {cfg['version']!r}")
-        names = {f.name for f in fields(cls)}
-        missing = [n for n in ("vocab_size", "d_model", "n_layer", "d_attn", "d_ffn") if n not in cfg]
-        if missing:
-            raise ValueError(f"unified RWKV config lacks {missing}")
-        out = cls(**{k: v for k, v in cfg.items() if k in names})
-        kinds = cfg.get("layer_kinds")
-        if kinds is not None and list(kinds) != ["rwkv"] * out.n_layer:
-            raise ValueError(f"RWKV layer_kinds must be ['rwkv'] * {out.n_layer}, got {kinds!r}")
-        return out
+        return config_from_unified(cls, cfg, "rwkv")
 
     def to_unified(self) -> dict:
         return {**asdict(self), "layer_kinds": ["rwkv"] * self.n_layer, "version": 4}

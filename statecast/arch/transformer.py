@@ -39,7 +39,7 @@ Deviations from the references (numerical only; same function computed):
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -54,8 +54,9 @@ from statecast.arch.layers import (
     GatedMLP,
     RMSNorm,
     Rope,
-    _exporting,
     attention_bias,
+    config_from_unified,
+    is_exporting,
     make_norm,
 )
 
@@ -130,18 +131,8 @@ class TransformerConfig:
 
     @classmethod
     def from_unified(cls, cfg: dict) -> "TransformerConfig":
-        """Build from the unified config; other keys ("family", "layer_kinds", ...) are ignored
-        after ``layer_kinds`` is checked to be all attention."""
-        names = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [n for n in required if n not in cfg]
-        if missing:
-            raise ValueError(f"unified Transformer config lacks {missing}")
-        out = cls(**{k: v for k, v in cfg.items() if k in names})
-        kinds = cfg.get("layer_kinds")
-        if kinds is not None and list(kinds) != ["attention"] * out.n_layer:
-            raise ValueError(f"Transformer layer_kinds must be ['attention'] * {out.n_layer}, got {kinds!r}")
-        return out
+        """Build from the unified config; other keys ("family", ...) are ignored."""
+        return config_from_unified(cls, cfg, "attention")
 
     def to_unified(self) -> dict:
         return {**asdict(self), "layer_kinds": ["attention"] * self.n_layer}
@@ -186,7 +177,7 @@ class TransformerBlock(nn.Module):
 def _residual(update: Tensor, x: Tensor) -> Tensor:
     """x + update, written into ``update`` (a fresh projection output) when allowed: one
     [B, T, C] allocation less per addition. Same sum (addition commutes exactly)."""
-    if update.requires_grad or _exporting():
+    if update.requires_grad or is_exporting():
         return x + update
     return update.add_(x)
 
@@ -254,7 +245,7 @@ class Transformer(nn.Module):
         rope = None
         if self.pos_embed is not None:
             limit = self.cfg.max_positions
-            if not _exporting() and P + T > limit:  # (no guard on symbolic shapes when exporting)
+            if not is_exporting() and P + T > limit:  # (no guard on symbolic shapes when exporting)
                 raise ValueError(
                     f"positions {P}..{P + T - 1} exceed the learned position table (max_positions={limit}): "
                     f"the model has no embedding for positions >= {limit}"
@@ -270,7 +261,7 @@ class Transformer(nn.Module):
         # 32 MB mmap ceiling its pages fault in anew on every step (GPT-2 small at P=960,
         # 1 thread: 73 ms/token vs 46 with GLIBC_TUNABLES raising mmap/trim thresholds;
         # transformers' per-layer 3 MB tensors stay below it: 41 ms).
-        direct = not (torch.is_grad_enabled() or _exporting())
+        direct = not (torch.is_grad_enabled() or is_exporting())
         if direct:
             L, _, Hkv, _, D = state.key.shape
             new = KVState(*(state.key.new_empty(L, B, Hkv, P + T, D) for _ in range(2)))
