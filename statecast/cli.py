@@ -40,6 +40,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 dtype_choice = click.Choice(["float32", "float16", "bfloat16"])
+kernels_option = click.option(
+    "--kernels", type=click.Choice(["torch", "compiled"]), default="torch", show_default=True,
+    help="Whole-sequence fast path: 'compiled' builds Mamba's C++ CPU scan (needs a C++ compiler); "
+         "'torch' is the pure-PyTorch path.")
 
 
 def dtype_option(help_text: str):
@@ -74,15 +78,16 @@ def pull(source, revision, out, dtype, force, quiet, as_json):
 @device_option
 @dtype_option("Run our model in this dtype (default: float32, or the dtype `pull --dtype` cast to; the reference runs in float32).")
 @click.option("--reference", type=click.Path(), default=None, help="Original files, if they moved since conversion.")
+@kernels_option
 @json_option
 @handle_errors
-def verify(path, device, dtype, reference, as_json):
+def verify(path, device, dtype, reference, kernels, as_json):
     """Compare the converted model at PATH with the original implementation; write parity.json/.md."""
     from .checkpoints.store import resolve
     from .convert.verify import render_markdown
     from .convert.verify import verify as do_verify
 
-    report = do_verify(resolve(path), device=device, dtype=dtype, reference=reference, raise_on_fail=False,
+    report = do_verify(resolve(path), device=device, dtype=dtype, reference=reference, kernels=kernels, raise_on_fail=False,
                        progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
     _emit(report, as_json, lambda r: click.echo(render_markdown(r)))
     if not report["passed"]:
@@ -117,9 +122,10 @@ def export(path, fmt, out, force, as_json):
 @click.option("--seed", type=int, default=None)
 @dtype_option("Run in this dtype (default: the checkpoint's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@kernels_option
 @json_option
 @handle_errors
-def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, as_json):
+def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, kernels, as_json):
     """Generate from PATH: parallel prefill, then one step per token (text streams as it comes)."""
     from .checkpoints.store import resolve
     from .convert.generate import generate as do_generate
@@ -131,7 +137,7 @@ def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_
         click.echo(prompt, nl=False)
     out = do_generate(resolve(path), prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                       greedy=temperature is None, temperature=temperature or 1.0, top_p=top_p, seed=seed,
-                      dtype=dtype, device=device, on_text=stream)
+                      dtype=dtype, device=device, kernels=kernels, on_text=stream)
     if as_json:
         click.echo(json.dumps(out))
     elif prompt is None:

@@ -167,3 +167,23 @@ def test_pull_refuses_bad_mamba_and_transformer_sources(tmp_path):
     with pytest.raises(StatecastError, match="ssm_cfg.layer 'Mamba2' is not supported"):
         pull(str(native), out=tmp_path / "o4", progress=False)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_compiled_kernels_are_an_explicit_choice(tmp_path, pulled_hf):
+    """`--kernels compiled` runs Mamba's C++ scan and still passes verify; a family
+    without compiled kernels refuses it with a one-line error."""
+    from click.testing import CliRunner
+
+    from statecast.arch.mamba import compiled_scan_available
+    from statecast.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["generate", str(pulled_hf), "--prompt-ids", "1,2,3", "--kernels", "compiled"])
+    assert r.exit_code == 2 and "the rwkv family has no compiled kernels" in r.output
+    if not compiled_scan_available():
+        pytest.skip("the compiled scan cannot be built here (no C++ toolchain)")
+    info = pull(str(factories.hf_mamba(tmp_path / "src", seed=11)), out=tmp_path / "m", progress=False)
+    r = runner.invoke(main, ["verify", info["path"], "--device", "cpu", "--kernels", "compiled", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["passed"] and report["kernels"] == "compiled" and report["max_abs_diff"] < 1e-3

@@ -57,8 +57,9 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             dtype: str | None = None, device: str = "cpu", on_text: Callable[[str], None] | None = None) -> dict:
-    model, um = load_model(path, dtype=dtype, device=device)
+             dtype: str | None = None, device: str = "cpu", kernels: str = "torch",
+             on_text: Callable[[str], None] | None = None) -> dict:
+    model, um = load_model(path, dtype=dtype, device=device, kernels=kernels)
     tok = load_tokenizer(um)
     if (prompt is None) == (prompt_ids is None):
         raise StatecastError("give exactly one of --prompt or --prompt-ids")

@@ -22,8 +22,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device: str = "cpu"):
-    """(model in eval mode, UnifiedModel). ``dtype`` casts floating weights except float32-kept ones."""
+KERNELS = ("torch", "compiled")
+
+
+def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device: str = "cpu", kernels: str = "torch"):
+    """(model in eval mode, UnifiedModel). ``dtype`` casts floating weights except float32-kept ones.
+
+    ``kernels="compiled"`` selects the family's compiled whole-sequence path (Mamba's C++
+    CPU scan); an error where the family has none or it cannot be built here.
+    """
     um = path if isinstance(path, UnifiedModel) else open_unified(path)
     fam = FAMILIES[um.family]
     dev = resolve_device(device)
@@ -33,7 +40,17 @@ def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device
         target = parse_dtype(dtype)
         state = {k: (v.to(target) if v.is_floating_point() and not fam.keeps_fp32(k) else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dev).eval(), um
+    model = model.to(dev).eval()
+    if kernels not in KERNELS:
+        raise StatecastError(f"unknown kernels {kernels!r}; choose {', '.join(KERNELS)}")
+    if kernels == "compiled":
+        if not hasattr(model, "set_scan_impl"):
+            raise StatecastError(f"--kernels compiled: the {um.family} family has no compiled kernels")
+        try:
+            model.set_scan_impl("compiled")
+        except RuntimeError as e:
+            raise StatecastError(str(e).splitlines()[0]) from None
+    return model, um
 
 
 def load_tokenizer(um: UnifiedModel):

@@ -92,7 +92,7 @@ def default_dtype(meta: dict) -> str:
 
 @torch.inference_mode()
 def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-               progress=None) -> dict:
+               progress=None, kernels: str = "torch") -> dict:
     """Compute the parity report (no files written)."""
     um = open_unified(path)
     dev = resolve_device(device)
@@ -111,7 +111,7 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
     ours_dtype = dtype or default_dtype(um.meta)
     if ours_dtype not in TOLERANCES:
         raise StatecastError(f"no parity tolerances for dtype {ours_dtype!r}; choose {', '.join(TOLERANCES)}")
-    model, _ = load_model(um, dtype=ours_dtype, device=str(dev))
+    model, _ = load_model(um, dtype=ours_dtype, device=str(dev), kernels=kernels)
     tol = TOLERANCES[ours_dtype]
     ref = make_reference(src.get("format", ""), ref_path, dev, um.config["n_layer"])
     tok = load_tokenizer(um)
@@ -176,6 +176,7 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         "device": str(dev) if dev.type == "cpu" else f"cuda ({torch.cuda.get_device_name(dev)})",
         "platform": platform.platform(),
         "dtype": ours_dtype,
+        "kernels": kernels,
         "checkpoint_dtype": um.meta["dtype"],
         **{k: _json_float(v) if isinstance(v, float) else v for k, v in metrics.items()},
         "n_positions": n_pos,
@@ -197,7 +198,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"- model: `{r['model']}` ({r['family']}, stored {r['checkpoint_dtype']}, computed in {r['dtype']}) from `{r['source']}`",
         f"- reference: {r['reference']['implementation']} {r['reference']['version']} (float32): {r['reference']['weights']}",
-        f"- device: {r['device']}; statecast {r['statecast']}, torch {r['torch']}",
+        f"- device: {r['device']}, {r.get('kernels', 'torch')} kernels; statecast {r['statecast']}, torch {r['torch']}",
         f"- inputs: {r['inputs']['random']} random tokens"
         + (f" + {r['inputs']['text_tokens']} text tokens" if r["inputs"]["text_tokens"] else "")
         + f"; {r['n_positions']} positions",
@@ -220,9 +221,9 @@ def render_markdown(r: dict) -> str:
 
 
 def verify(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-           progress=None, raise_on_fail: bool = True) -> dict:
+           progress=None, raise_on_fail: bool = True, kernels: str = "torch") -> dict:
     """Run the parity report, write ``parity.json`` and ``parity.md`` into the model, raise if it fails."""
-    report = run_parity(path, device=device, dtype=dtype, reference=reference, progress=progress)
+    report = run_parity(path, device=device, dtype=dtype, reference=reference, progress=progress, kernels=kernels)
     out = Path(report["model"])
     write_json_atomic(out / "parity.json", report)
     (out / ".parity.md.tmp").write_text(render_markdown(report))
