@@ -29,39 +29,13 @@ from common import (
     base_args,
     emit,
     environment,
-    gemm_shapes,
+    gemm_floor_fn,
     model_pair,
     print_table,
     set_threads,
     time_fn,
     time_interleaved,
 )
-
-
-def gemm_floor_fn(model, T: int, preallocated: bool = True):
-    """A closure running one forward's matrix products alone (fp32, batch 1).
-
-    preallocated: write into preallocated outputs (the strict floor); False allocates
-    every output like a model does (fresh large buffers cost page faults: the [T, V]
-    logits alone are 206 MB at T=1024)."""
-    g = torch.Generator().manual_seed(0)
-    shapes = [s[1:] for s in gemm_shapes(model, T)]
-    xs, ws, outs = {}, {}, {}
-    for b, m, k, n in set(shapes):
-        xs[(b, m, k)] = torch.randn(b, m, k, generator=g) * 0.02
-        ws[(b, k, n)] = torch.randn(b, k, n, generator=g) * 0.02
-        outs[(b, m, n)] = torch.empty(b, m, n)
-    prods = [(xs[(b, m, k)], ws[(b, k, n)], outs[(b, m, n)]) for b, m, k, n in shapes]
-
-    def run():
-        for x, w, o in prods:
-            torch.bmm(x, w, out=o)
-
-    def run_alloc():
-        for x, w, _ in prods:
-            torch.bmm(x, w)
-
-    return run if preallocated else run_alloc
 
 
 def wkv_fns(T: int, A: int, chunks: list[int]):

@@ -38,12 +38,23 @@ from __future__ import annotations
 import math
 
 import torch
-from common import base_args, emit, environment, print_table, set_threads, time_fn, time_interleaved
+from common import (
+    SHAPES,
+    base_args,
+    emit,
+    environment,
+    gemm_floor_fn,
+    model_pair,
+    print_table,
+    set_threads,
+    time_fn,
+    time_interleaved,
+)
 
 import statecast.arch.mamba as mamba_mod
-from statecast.arch.mamba import Mamba, MambaConfig, selective_scan, selective_scan_sequential
+from statecast.arch.mamba import MambaConfig, selective_scan, selective_scan_sequential
 
-MAMBA_130M = dict(vocab_size=50280, d_model=768, n_layer=24, d_inner=1536, d_state=16, d_conv=4, dt_rank=48)
+MAMBA_130M = SHAPES["mamba-130m"][1]
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -185,66 +196,6 @@ def check_scan(fn, zero_state: bool = False) -> float | str:
 # --------------------------------------------------------------------------- GEMM floor / models
 
 
-def gemm_floor_fn(cfg: MambaConfig, T: int, preallocated: bool = True):
-    """The forward's matrix products alone, torch.mm into preallocated outputs (the strict
-    floor); ``preallocated=False`` allocates every output like a model does (the [T, V]
-    logits alone are 206 MB at T=1024: fresh pages cost page faults)."""
-    g = torch.Generator().manual_seed(0)
-    C, E, N, R, V = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.vocab_size
-    shapes = [(C, 2 * E), (E, R + 2 * N), (R, E), (E, C)] * cfg.n_layer + [(C, V)]
-    xs, ws, outs = {}, {}, {}
-    for k, n in set(shapes):
-        xs.setdefault(k, torch.randn(T, k, generator=g) * 0.02)
-        ws[(k, n)] = torch.randn(k, n, generator=g) * 0.02
-        outs[(k, n)] = torch.empty(T, n)
-    prods = [(xs[k], ws[(k, n)], outs[(k, n)]) for k, n in shapes]
-
-    def run():
-        for x, w, o in prods:
-            torch.mm(x, w, out=o)
-
-    def run_alloc():
-        for x, w, _ in prods:
-            torch.mm(x, w)
-
-    return run if preallocated else run_alloc
-
-
-def hf_twin(ours: Mamba):
-    """transformers' MambaForCausalLM holding our weights (converter's HF name table)."""
-    from transformers import MambaConfig as HfMambaConfig
-    from transformers import MambaForCausalLM
-
-    import statecast.convert.families  # noqa: F401  (registers the formats; import before the format module)
-    from statecast.convert.mamba import HF
-    from statecast.convert.tables import from_canonical_state
-
-    cfg = ours.cfg
-    hf_cfg = HfMambaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layer,
-        intermediate_size=cfg.d_inner,
-        state_size=cfg.d_state,
-        conv_kernel=cfg.d_conv,
-        time_step_rank=cfg.dt_rank,
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=True,
-    )
-    try:  # skip transformers' own random init
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - other transformers versions
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
-        hf = MambaForCausalLM(hf_cfg)
-    state = from_canonical_state(HF, ours.state_dict())
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    return hf.eval()
-
-
 def main() -> None:
     p = base_args(__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 2048)")
@@ -266,11 +217,9 @@ def main() -> None:
         if not compiled:
             result["compiled_error"] = mamba_mod._compiled.get("error")
 
-    torch.manual_seed(0)
-    model = Mamba(cfg)
-    model.reset_parameters(generator=torch.Generator().manual_seed(0))
-    model.eval()
-    hf = None if (args.no_hf or args.scan_only) else hf_twin(model)
+    model, hf = model_pair("mamba-130m", seed=0, **dims)
+    if args.no_hf or args.scan_only:
+        hf = None
 
     with torch.inference_mode():
         cands = scan_candidates(compiled)
@@ -289,7 +238,7 @@ def main() -> None:
             run["scan"] = scan_t
 
             if not args.scan_only:
-                fns = {"GEMM floor": gemm_floor_fn(cfg, T), "GEMM floor, outputs allocated": gemm_floor_fn(cfg, T, False)}
+                fns = {"GEMM floor": gemm_floor_fn(model, T), "GEMM floor, outputs allocated": gemm_floor_fn(model, T, False)}
 
                 def ours(impl):
                     def f():
