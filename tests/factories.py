@@ -128,6 +128,22 @@ def run_steps(model, ids: torch.Tensor, state):
     return torch.stack(outs, 1), state
 
 
+@torch.no_grad()
+def parallel_and_steps(model, vocab: int, T: int, warm: int = 0, seed: int | None = None):
+    """Run ``[2, T]`` random ids through the whole-sequence path and token by token, both from
+    the same state (empty, or after ``warm`` stepped tokens), and check that neither call
+    mutated that state. Returns (parallel logits, its state, stepped logits, their state)."""
+    g = torch.Generator().manual_seed(T if seed is None else seed)
+    ids = torch.randint(0, vocab, (2, T), generator=g)
+    state = run_steps(model, torch.randint(0, vocab, (2, warm), generator=g), None)[1] if warm else None
+    before = [t.clone() for t in state] if state is not None else []
+    lp, sp = model(ids, state)
+    ls, ss = run_steps(model, ids, state)
+    for b, a in zip(before, state or []):  # never mutated in place
+        assert torch.equal(b, a)
+    return lp, sp, ls, ss
+
+
 class CreatesFileWhenUnpickled:
     """Unpickling this calls ``open(marker, 'w')``: a stand-in for malicious code in a checkpoint."""
 

@@ -134,7 +134,6 @@ DEMO_BUILDERS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
     "mamba": ("demo-mamba", "Mamba (MambaForCausalLM)", build_hf_mamba),
     "transformer": ("demo-llama", "Llama with grouped-query attention (LlamaForCausalLM)", build_hf_transformer),
 }
-DEMO_NAME = DEMO_BUILDERS["rwkv"][0]
 
 
 def run_demo(families: tuple[str, ...] = tuple(DEMO_BUILDERS), say: Callable[[str], None] = print) -> dict:

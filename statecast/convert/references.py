@@ -50,7 +50,7 @@ class HfReference(Reference):
     differ between classes (some put the final norm's output in the last slot).
     """
 
-    def __init__(self, path: Path, device: torch.device, arch, n_layer: int):
+    def __init__(self, path: Path, device: torch.device, arch, ucfg: dict):
         import transformers
         from transformers.utils import logging as hf_logging
 
@@ -60,10 +60,10 @@ class HfReference(Reference):
         self.version = metadata.version("transformers")
         self.device = device
         self.weights = f"from_pretrained({str(path)!r}, dtype=float32{''.join(f', {k}={v!r}' for k, v in arch.reference_kwargs)})"
-        self.model = self._load(cls, path, arch).to(device).eval()
-        self.blocks = _decoder_blocks(self.model, n_layer)
+        self.model = self._load(cls, path, arch, ucfg).to(device).eval()
+        self.blocks = _decoder_blocks(self.model, ucfg["n_layer"])
 
-    def _load(self, cls, path: Path, arch):
+    def _load(self, cls, path: Path, arch, ucfg: dict):
         return cls.from_pretrained(path, dtype=torch.float32, **dict(arch.reference_kwargs))
 
     @torch.inference_mode()
@@ -123,16 +123,12 @@ class NativeMambaReference(HfReference):
     the embedding tensor itself).
     """
 
-    def _load(self, cls, path: Path, arch):
+    def _load(self, cls, path: Path, arch, ucfg: dict):
         from transformers import AutoConfig
 
         from ..checkpoints.readers import open_tensors, weight_files
-        from .families import detect, unified_config
 
-        det = detect(path)
-        with open_tensors(det.files) as src:
-            ucfg = unified_config(det, {k: src.shape(k) for k in src.keys()})
-        config = AutoConfig.for_model(**arch.hf_config(ucfg, None))
+        config = AutoConfig.for_model(**arch.hf_config(ucfg, None))  # the dimensions read at conversion
         with torch.device("meta"):
             model = cls(config)
         with open_tensors(weight_files(path)) as src:
@@ -209,17 +205,17 @@ class RwkvPackageReference(Reference):
         return new
 
 
-def make_reference(fmt_name: str, path: Path, device: torch.device, n_layer: int) -> Reference:
-    """The reference implementation for a recorded source format."""
+def make_reference(fmt_name: str, path: Path, device: torch.device, ucfg: dict) -> Reference:
+    """The reference implementation for a recorded source format (``ucfg``: the unified config)."""
     from .families import format_by_name
 
     fam, arch, fmt = format_by_name(fmt_name)
     if arch is not None:
-        return HfReference(path, device, arch, n_layer)
+        return HfReference(path, device, arch, ucfg)
     if fmt.name == "rwkv-native":
         return RwkvPackageReference(path, device)
     if fmt.name == "mamba-native":
-        return NativeMambaReference(path, device, fam.arch(fam.native.export_as), n_layer)
+        return NativeMambaReference(path, device, fam.arch(fam.native.export_as), ucfg)
     raise StatecastError(f"no reference implementation for source format {fmt_name!r}")
 
 

@@ -345,7 +345,3 @@ class Family:
 
     def arch(self, model_type: str) -> HfArch:
         return next(a for a in self.hf if a.model_type == model_type)
-
-    def formats(self) -> list[SourceFormat]:
-        out = [f for a in self.hf for f in a.formats]
-        return out + ([self.native.fmt] if self.native else [])

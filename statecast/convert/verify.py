@@ -113,7 +113,7 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         raise StatecastError(f"no parity tolerances for dtype {ours_dtype!r}; choose {', '.join(TOLERANCES)}")
     model, _ = load_model(um, dtype=ours_dtype, device=str(dev), kernels=kernels)
     tol = TOLERANCES[ours_dtype]
-    ref = make_reference(src.get("format", ""), ref_path, dev, um.config["n_layer"])
+    ref = make_reference(src.get("format", ""), ref_path, dev, um.config)
     tok = load_tokenizer(um)
     batches = _inputs(um.config["vocab_size"], tok)
 
