@@ -232,6 +232,18 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
                                         d_ffn=2048, norm="rmsnorm", norm_eps=1e-5, mlp="gated", act="silu",
                                         positions="rope", max_positions=4096, rope_theta=10000.0,
                                         tie_embeddings=False), "llama"),
+    # Jamba's layout at llama-small's width: 16 layers in two blocks of 8, attention on
+    # layers 4 and 12 (1 of 8, as Jamba), 4 experts top-2 on every odd layer, GQA 12/4
+    "jamba-small": ("jamba", dict(vocab_size=32000, d_model=768, n_layer=16,
+                                  layer_kinds=["attention" if i % 8 == 4 else "mamba" for i in range(16)],
+                                  ffn_kinds=["moe" if i % 2 == 1 else "mlp" for i in range(16)],
+                                  n_head=12, n_kv_head=4, head_dim=64, d_ffn=2048, n_experts=4, top_k=2,
+                                  d_inner=1536, d_state=16, d_conv=4, dt_rank=48), "jamba"),
+    # the pure Transformer of jamba-small's width and depth (its attention and dense MLP everywhere)
+    "llama-16l": ("transformer", dict(vocab_size=32000, d_model=768, n_layer=16, n_head=12, n_kv_head=4, head_dim=64,
+                                      d_ffn=2048, norm="rmsnorm", norm_eps=1e-6, mlp="gated", act="silu",
+                                      positions="rope", max_positions=262144, rope_theta=10000.0,
+                                      tie_embeddings=False), "llama"),
 }
 
 
@@ -257,13 +269,36 @@ def model_pair(shape: str, seed: int = 0, **overrides):
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
         hf = AutoModelForCausalLM.from_config(hf_cfg)
-    missing, unexpected = hf.load_state_dict(from_canonical_state(arch.formats[0], ours.state_dict()), strict=False)
+    state = from_canonical_state(arch.formats[0], ours.state_dict())
+    if family == "jamba":
+        state = _fuse_experts(state)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]:
         raise RuntimeError(f"weights did not transfer: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         hf.tie_weights()
     hf.generation_config.eos_token_id = hf.config.eos_token_id = None  # generate exactly the tokens asked for
     return ours.eval(), hf.eval()
+
+
+def _fuse_experts(state: dict) -> dict:
+    """Hub-format Jamba tensors (one per expert) -> transformers' in-memory layout, which
+    fuses them (``experts.gate_up_proj`` [X, 2F, C], ``experts.down_proj`` [X, C, F]); its
+    checkpoint loader does the same when it reads the Hub files."""
+    import re
+
+    out, groups = {}, {}
+    for k, t in state.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", k)
+        if m:
+            groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = t
+        else:
+            out[k] = t
+    for prefix, g in groups.items():
+        stack = {p: torch.stack([g[p][j] for j in range(len(g[p]))]) for p in g}
+        out[f"{prefix}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
+        out[f"{prefix}.down_proj"] = stack["down"]
+    return out
 
 
 def rwkv_pair(seed: int = 0, **dims):

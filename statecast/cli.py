@@ -179,7 +179,7 @@ def list_(as_json):
 
 
 @main.command()
-@click.option("--family", "families", multiple=True, type=click.Choice(["rwkv", "mamba", "transformer"]),
+@click.option("--family", "families", multiple=True, type=click.Choice(["rwkv", "mamba", "transformer", "jamba"]),
               help="Which family to demonstrate (repeatable; default: all).")
 @handle_errors
 def demo(families):

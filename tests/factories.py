@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from statecast.convert.demo import build_hf_checkpoint, build_hf_mamba, build_hf_transformer, build_tokenizer, spread_weights
+from statecast.convert.demo import (
+    build_hf_checkpoint,
+    build_hf_jamba,
+    build_hf_mamba,
+    build_hf_transformer,
+    build_tokenizer,
+    spread_weights,
+)
 
 TINY = dict(hidden=32, layers=3, vocab=300)
 
@@ -31,6 +38,10 @@ def hf_mamba(out: Path, **kw) -> Path:
 
 def hf_transformer(out: Path, style: str, **kw) -> Path:
     return build_hf_transformer(out, style, **{"hidden": 32, "layers": 3, "vocab": 300, **kw})
+
+
+def hf_jamba(out: Path, **kw) -> Path:
+    return build_hf_jamba(out, **{"hidden": 32, "layers": 4, "vocab": 300, **kw})
 
 
 def gpt2_bare(out: Path, seed: int = 3) -> Path:

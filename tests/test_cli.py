@@ -89,9 +89,9 @@ def test_demo_runs_offline(tmp_path):
     env = dict(os.environ, STATECAST_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "statecast.cli", "demo"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("# Parity report: PASS") == 3 and "FAIL" not in r.stdout
-    for family in ("rwkv", "mamba", "transformer"):
-        assert f"/3 {family}:" in r.stdout
+    assert r.stdout.count("# Parity report: PASS") == 4 and "FAIL" not in r.stdout
+    for family in ("rwkv", "mamba", "transformer", "jamba"):
+        assert f"/4 {family}:" in r.stdout
     assert "convert generate demo-llama" in r.stdout
 
 
@@ -104,5 +104,8 @@ def test_demo_one_family_and_unknown_family(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["demo", "--family", "transformer"])
     assert r.exit_code == 0, r.output
     assert "1/1 transformer" in r.output and r.output.count("# Parity report: PASS") == 1
-    r = CliRunner().invoke(main, ["demo", "--family", "jamba"])
+    from statecast.convert.demo import DEMO_BUILDERS
+
+    assert list(next(p for p in main.commands["demo"].params if p.name == "families").type.choices) == list(DEMO_BUILDERS)
+    r = CliRunner().invoke(main, ["demo", "--family", "griffin"])
     assert r.exit_code == 2 and "Invalid value for '--family'" in r.output

@@ -1,4 +1,4 @@
-"""Mamba and Transformer sources end to end: pull, verify against transformers, greedy
+"""Mamba, Transformer and Jamba sources end to end: pull, verify against transformers, greedy
 agreement with transformers' ``generate``, and the exact round trip back to Hub format.
 
 One tiny checkpoint per supported source format, made by transformers' own classes
@@ -45,6 +45,20 @@ SOURCES = {
                        "transformer", "mistral-hf", "MistralForCausalLM"),
     "qwen2": (lambda p: factories.hf_transformer(p, "qwen2", seed=8, tied=True), "transformer", "qwen2-hf",
               "Qwen2ForCausalLM"),
+    # Jamba: attention on layers 1 and 4 of 6, experts on even layers, top-2, sharded (float32)
+    "jamba-p3o1-top2-sharded": (lambda p: factories.hf_jamba(p, seed=9, layers=6, attn_period=3, attn_offset=1,
+                                                             expert_period=2, expert_offset=0, top_k=2, shard="40KB"),
+                                "jamba", "jamba-hf", "JambaForCausalLM"),
+    # attention on even layers, experts on odd layers, top-1 routing, bfloat16 as Jamba ships
+    "jamba-p2o0-top1-bf16": (lambda p: factories.hf_jamba(p, seed=10, layers=4, attn_period=2, attn_offset=0,
+                                                          top_k=1, experts=3, dtype=torch.bfloat16),
+                             "jamba", "jamba-hf", "JambaForCausalLM"),
+}
+
+# per-layer kinds each source must record: (layer_kinds, ffn_kinds); default: one kind throughout
+KINDS = {
+    "jamba-p3o1-top2-sharded": (["mamba", "attention", "mamba"] * 2, ["moe", "mlp"] * 3),
+    "jamba-p2o0-top1-bf16": (["attention", "mamba"] * 2, ["mlp", "moe"] * 2),
 }
 
 
@@ -70,10 +84,12 @@ def test_pull_records_family_format_and_provenance(converted):
     _, family, fmt, _ = SOURCES[name]
     um = open_unified(path)
     assert um.family == family and um.source["format"] == fmt
-    assert um.config["layer_kinds"] == [{"mamba": "mamba", "transformer": "attention"}[family]] * um.config["n_layer"]
+    n = um.config["n_layer"]
+    kinds, ffn = KINDS.get(name, ([{"mamba": "mamba", "transformer": "attention"}.get(family)] * n, None))
+    assert um.config["layer_kinds"] == kinds and um.config.get("ffn_kinds") == ffn
     assert set(um.source["files"]) >= {f.name for f in weight_files(src)}
     assert (path / "tokenizer.json").is_file()
-    if name == "llama-tied-bf16":
+    if name in ("llama-tied-bf16", "jamba-p2o0-top1-bf16"):
         assert um.meta["dtype"] == "bfloat16" and um.source["dtype"] == "bfloat16"
     if name == "mamba-native":
         assert um.config["vocab_size"] == 304  # the padded embedding, not config.json's 300
@@ -130,7 +146,8 @@ def test_generate_prefill_then_steps_matches_verify_greedy(converted):
 
     _, _, path, r = converted
     prompt = r["greedy"]["prompt"]
-    out = generate(path, prompt_ids=",".join(map(str, prompt)), max_new_tokens=8)
+    # in the dtype verify computed in (a bfloat16 checkpoint generates in bfloat16 by default)
+    out = generate(path, prompt_ids=",".join(map(str, prompt)), max_new_tokens=8, dtype=r["dtype"])
     assert out["new_ids"] == r["greedy"]["reference"][:8]
 
 

@@ -96,3 +96,20 @@ def test_pull_sharded_llama_from_hub_api_then_verify(tmp_path):
     # verify runs from the HF cache snapshot the pull recorded, with the server gone
     r = convert(["verify", "acme/llama-tiny", "--json"], env | {"HF_HUB_OFFLINE": "1"})
     assert json.loads(r.stdout)["passed"]
+
+
+def test_pull_jamba_as_on_the_hub_then_verify(tmp_path):
+    """`convert pull ai21labs/Jamba-tiny-dev` in miniature: a bfloat16, sharded Jamba repo with
+    one tensor per expert, served under that repo id; verify compares in float32 and says so."""
+    import factories
+    import torch
+
+    src = factories.hf_jamba(tmp_path / "repo", seed=12, dtype=torch.bfloat16, shard="40KB")
+    with FakeHub([HubRepo("ai21labs/Jamba-tiny-dev", src)]) as hub:
+        env = hub.env(tmp_path / "hf") | {"STATECAST_HOME": str(tmp_path / "store")}
+        info = json.loads(convert(["pull", "ai21labs/Jamba-tiny-dev", "--json"], env).stdout)
+    assert info["family"] == "jamba" and info["source_format"] == "jamba-hf" and info["dtype"] == "bfloat16"
+    r = convert(["verify", "ai21labs/Jamba-tiny-dev", "--json"], env | {"HF_HUB_OFFLINE": "1"})
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["dtype"] == "float32" and report["checkpoint_dtype"] == "bfloat16"
+    assert report["reference"]["dtype"] == "float32"

@@ -13,6 +13,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "rwkv": ("rwkv", "RwkvConfig", "Rwkv"),
     "mamba": ("mamba", "MambaConfig", "Mamba"),
     "transformer": ("transformer", "TransformerConfig", "Transformer"),
+    "jamba": ("jamba", "JambaConfig", "Jamba"),
 }
 
 

@@ -7,6 +7,8 @@ Dimension letters used in the shape comments (each model file repeats the ones i
     C  d_model (residual stream width)
     X  any trailing feature width (a norm's normalised dimension)
     F  d_ffn (MLP hidden width, "intermediate_size")
+    X  experts of a mixture-of-experts layer; k of them chosen per token
+    N  tokens, B * T, of a layer that treats them independently
     H  query heads
     Hkv  key/value heads (grouped-query attention: Hkv divides H)
     G  query heads per key/value head, H // Hkv
@@ -28,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def config_from_unified(cls, cfg: dict, kind: str):
-    """Build the frozen config dataclass ``cls`` of a one-kind model from a unified config.
+def config_from_unified(cls, cfg: dict, kind: str | None):
+    """Build the frozen config dataclass ``cls`` from a unified config.
 
-    Keys that are not fields (``family``, ``layer_kinds``, ...) are ignored, fields without
-    a default are required, and ``layer_kinds``, when present, must be ``[kind] * n_layer``.
+    Keys that are not fields (``family``, ...) are ignored and fields without a default are
+    required. For a one-kind model (``kind`` given), ``layer_kinds``, when present, must be
+    ``[kind] * n_layer``; a hybrid (``kind=None``) has ``layer_kinds`` as a field.
     """
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in cfg]
     if missing:
@@ -40,7 +43,7 @@ def config_from_unified(cls, cfg: dict, kind: str):
     names = {f.name for f in fields(cls)}
     out = cls(**{k: v for k, v in cfg.items() if k in names})
     kinds = cfg.get("layer_kinds")
-    if kinds is not None and list(kinds) != [kind] * out.n_layer:
+    if kind is not None and kinds is not None and list(kinds) != [kind] * out.n_layer:
         raise ValueError(f"{cls.__name__}: layer_kinds must be [{kind!r}] * {out.n_layer}, got {kinds!r}")
     return out
 
@@ -196,6 +199,79 @@ class GatedMLP(nn.Module):
         if _inplace_ok(g):
             return self.down(self.act(g, True).mul_(u))
         return self.down(self.act(g) * u)  # [B, T, C]
+
+
+class MoE(nn.Module):
+    """Top-k routed mixture of gated-MLP experts, full capacity (no token is dropped).
+
+    Mirrors transformers' ``JambaSparseMoeBlock`` (``JambaTopKRouter`` + ``MixtralExperts``;
+    Shazeer et al. 2017, "Outrageously Large Neural Networks"; Jiang et al. 2024, Mixtral):
+    router logits ``x W_r^T``, softmax in float32 over the X experts, the top-k
+    probabilities and their experts; each chosen expert's ``down(act(gate x) * up x)``
+    times its probability (cast to the model dtype), summed. Jamba keeps the top-k
+    probabilities as they are; ``normalize=True`` renormalises them to sum to 1 (Mixtral).
+
+    Expert weights are stacked: ``gate``/``up`` [X, F, C], ``down`` [X, C, F] (the
+    converter stacks Jamba's per-expert ``experts.{j}.*_proj.weight``). Two evaluation
+    orders of the same sum:
+      * grouped (eager): per chosen expert, its tokens gathered, three matmuls on that
+        expert's weight views, scaled, ``index_add_`` back (transformers' loop; a decode
+        step touches only the k chosen experts' weights);
+      * gathered (export): each token's k expert matrices gathered by index and applied
+        with batched matmuls; no data-dependent control flow, so one traced graph serves
+        every routing. It copies k expert matrices per token, which suits decode steps.
+    """
+
+    def __init__(self, d_model: int, d_ffn: int, n_experts: int, top_k: int, act: str = "silu", normalize: bool = False):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in 1..n_experts ({n_experts}), got {top_k}")
+        X, F_, C = n_experts, d_ffn, d_model
+        self.n_experts, self.top_k, self.normalize = n_experts, top_k, normalize
+        self.act_name = act
+        self.act = _activation(act)
+        self.router = nn.Linear(C, X, bias=False)  # weight [X, C]
+        self.gate = nn.Parameter(torch.empty(X, F_, C))
+        self.up = nn.Parameter(torch.empty(X, F_, C))
+        self.down = nn.Parameter(torch.empty(X, C, F_))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, top_k={self.top_k}, act={self.act_name}, normalize={self.normalize}"
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, C] -> weights [N, k] (x's dtype), expert indices [N, k]."""
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # [N, X]
+        weights, index = torch.topk(probs, self.top_k, dim=-1)  # [N, k] each
+        if self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(x.dtype), index
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)  # [N, C]
+        weights, index = self.route(flat)
+        if is_exporting():
+            out = self._gathered(flat, weights, index)
+        else:
+            out = self._grouped(flat, weights, index)
+        return out.view(B, T, C)
+
+    def _grouped(self, x: Tensor, weights: Tensor, index: Tensor) -> Tensor:
+        out = torch.zeros_like(x)  # [N, C]
+        for e in torch.unique(index).tolist():  # ascending, as transformers' loop
+            token, slot = torch.where(index == e)  # [n] each
+            h = x[token]  # [n, C]
+            g = F.linear(h, self.gate[e])  # [n, F]
+            y = F.linear(self.act(g) * F.linear(h, self.up[e]), self.down[e])  # [n, C]
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+    def _gathered(self, x: Tensor, weights: Tensor, index: Tensor) -> Tensor:
+        h = x[:, None, :, None]  # [N, 1, C, 1]
+        g = torch.matmul(self.gate[index], h).squeeze(-1)  # [N, k, F, C] @ [N, 1, C, 1] -> [N, k, F]
+        u = torch.matmul(self.up[index], h).squeeze(-1)  # [N, k, F]
+        y = torch.matmul(self.down[index], (self.act(g) * u).unsqueeze(-1)).squeeze(-1)  # [N, k, C]
+        return (y * weights.unsqueeze(-1)).sum(1)  # [N, C]
 
 
 # --------------------------------------------------------------------------- rotary positions

@@ -128,11 +128,33 @@ def build_hf_transformer(out: Path, style: str = "llama", seed: int = 0, hidden:
     return _save(model, tok, out, fmt, shard, dtype)
 
 
+def build_hf_jamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, heads: int = 4,
+                   kv_heads: int = 2, experts: int = 4, top_k: int = 2, attn_period: int = 2, attn_offset: int = 1,
+                   expert_period: int = 2, expert_offset: int = 1, state: int = 8, fmt: str = "safetensors",
+                   tied: bool = False, shard: str | None = None, dtype: torch.dtype | None = None, **extra) -> Path:
+    """A seeded ``JambaForCausalLM`` in Hub format (one tensor per expert, as on the Hub) with
+    a tokenizer. ``extra`` goes to the config."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg = JambaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32,
+                      num_experts=experts, num_experts_per_tok=top_k, attn_layer_period=attn_period,
+                      attn_layer_offset=attn_offset, expert_layer_period=expert_period, expert_layer_offset=expert_offset,
+                      mamba_d_state=state, mamba_expand=2, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0, **extra)
+    model = JambaForCausalLM(cfg)
+    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    return _save(model, tok, out, fmt, shard, dtype)
+
+
 DEMO_BUILDERS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
     # family: (store name, description, builder)
     "rwkv": ("demo-rwkv4", "RWKV-4 (RwkvForCausalLM)", build_hf_checkpoint),
     "mamba": ("demo-mamba", "Mamba (MambaForCausalLM)", build_hf_mamba),
     "transformer": ("demo-llama", "Llama with grouped-query attention (LlamaForCausalLM)", build_hf_transformer),
+    "jamba": ("demo-jamba", "Jamba: attention + Mamba layers, mixture of experts (JambaForCausalLM)", build_hf_jamba),
 }
 
 

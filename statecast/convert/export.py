@@ -7,6 +7,7 @@ round-trips exactly. (ONNX export is a separate module.)
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from ..checkpoints.layout import PlannedTensor, atomic_directory, open_unified, write_weights
 from ..errors import StatecastError
 from .families import format_by_name
-from .tables import TRANSFORMS, group_by_source
+from .tables import TRANSFORMS, group_by_source, unstack
 
 EXPORT_FORMATS = ("hf",)
 
@@ -32,6 +33,9 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> d
         plan = []
         for key, names, transform in group_by_source(fmt, tensors.keys()):
             t = TRANSFORMS[transform]
+            if t.stacked:
+                plan += _unstack_plan(key, t, tensors, names[0])
+                continue
             shape = tuple(t.join(tuple(_meta_like(tensors, n) for n in names)).shape)
 
             def produce(names=names, t=t):
@@ -44,6 +48,24 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> d
             shutil.copyfile(um.path / name, tmp / name)
     return {"path": str(out), "format": "hf", "family": um.family, "architecture": arch.architecture,
             "weights": files, "n_tensors": len(plan)}
+
+
+def _unstack_plan(template: str, t, tensors, name: str) -> list[PlannedTensor]:
+    """One HF tensor per piece of the stacked canonical ``name`` (an MoE layer's experts).
+    The stack is read once, when its first piece is written, and dropped after its last:
+    peak memory is one stack."""
+    pieces = unstack(template, t, _meta_like(tensors, name))
+    held: dict[str, dict] = {}
+
+    def produce(key: str):
+        if not held:
+            held["pieces"] = unstack(template, t, tensors.get(name))
+        piece = held["pieces"].pop(key).contiguous()
+        if not held["pieces"]:
+            held.clear()
+        return piece
+
+    return [PlannedTensor(key, tuple(p.shape), p.dtype, functools.partial(produce, key)) for key, p in pieces.items()]
 
 
 def _meta_like(tensors, name):

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from ..checkpoints.readers import weight_files
 from ..errors import StatecastError
+from . import jamba as jamba_formats
 from . import mamba as mamba_formats
 from . import rwkv as rwkv_formats
 from . import transformer as transformer_formats
 from .tables import Family, HfArch, SourceFormat
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (rwkv_formats.FAMILY, mamba_formats.FAMILY, transformer_formats.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (rwkv_formats.FAMILY, mamba_formats.FAMILY, transformer_formats.FAMILY, jamba_formats.FAMILY)
+}
 SUPPORTED = "; ".join(
     f"{f.name} ({', '.join([a.architecture for a in f.hf] + ([f.native.fmt.name] if f.native else []))})"
     for f in FAMILIES.values()

@@ -52,12 +52,13 @@ def inspect_path(path: str | Path) -> dict:
 def render(info: dict) -> str:
     lines = [f"{info['path']}", f"  kind:      {info['kind']}", f"  family:    {info['family']}"]
     if info["kind"] == "unified":
-        cfg = ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "layer_kinds")
+        per_layer = ("layer_kinds", "ffn_kinds")
+        cfg = ", ".join(f"{k}={v}" for k, v in info["config"].items() if k not in per_layer)
         src = info["source"]
         kinds = info["config"].get("layer_kinds", [])
-        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
         lines += [
-            f"  layers:    {len(kinds)} (" + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")",
+            f"  layers:    {len(kinds)} (" + "; ".join(_counts(info["config"].get(k)) for k in per_layer if k in info["config"]) + ")",
+            *([f"  layout:    {_layout(info['config'])}"] if "ffn_kinds" in info["config"] else []),
             f"  dtype:     {info['dtype']}",
             f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['weights'])})",
             f"  config:    {cfg}",
@@ -71,7 +72,21 @@ def render(info: dict) -> str:
         lines += [
             f"  format:    {info['format']}" + (f" ({info['architecture']})" if info["architecture"] else ""),
             f"  params:    {info['n_params']:,} in {info['n_tensors']} tensors ({', '.join(info['dtypes'])})",
-            f"  files:     {', '.join(info['files'])}",
+            f"  files:     {', '.join(info['files'][:4])}" + (f" (+{len(info['files']) - 4} more)" if len(info["files"]) > 4 else ""),
             f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",
         ]
     return "\n".join(lines)
+
+
+def _counts(kinds: list[str]) -> str:
+    return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+
+
+# one letter per layer kind, for a hybrid's layout line: "M A M M A M" / "- E - E - E"
+_LETTERS = {"mamba": "M", "attention": "A", "mlp": "-", "moe": "E"}
+
+
+def _layout(cfg: dict) -> str:
+    mixers = " ".join(_LETTERS[k] for k in cfg["layer_kinds"])
+    ffn = " ".join(_LETTERS[k] for k in cfg["ffn_kinds"])
+    return f"{mixers}  (A attention, M Mamba) / {ffn}  (E experts, - dense MLP)"

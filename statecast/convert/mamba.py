@@ -13,7 +13,7 @@ import math
 from ..errors import StatecastError
 from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
 
-_MIXER = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
           "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")
 
 
@@ -22,7 +22,7 @@ def _rules(embedding: str) -> tuple[Rule, ...]:
     return (
         Rule(f"backbone.{embedding}.weight", "embed.weight"),
         Rule(f"{layer}.norm.weight", "layers.{i}.mixer_norm.weight"),
-        *(Rule(f"{layer}.mixer.{t}", f"layers.{{i}}.mamba.{t}") for t in _MIXER),
+        *(Rule(f"{layer}.mixer.{t}", f"layers.{{i}}.mamba.{t}") for t in MIXER_TENSORS),
         Rule("backbone.norm_f.weight", "final_norm.weight"),
         Rule("lm_head.weight", "lm_head.weight"),
     )

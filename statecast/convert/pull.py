@@ -23,7 +23,7 @@ from ..checkpoints.layout import FORMAT, META_FILE, PlannedTensor, atomic_direct
 from ..checkpoints.readers import dtype_name, open_tensors, parse_dtype
 from ..errors import StatecastError
 from .families import Detected, detect, unified_config
-from .tables import TRANSFORMS, map_keys
+from .tables import TRANSFORMS, Mapping, map_keys
 
 
 @dataclass
@@ -56,22 +56,30 @@ def default_output(src: Source) -> Path:
     return store.path_for(name)
 
 
-def plan_tensors(det: Detected, src_tensors, ucfg: dict, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """Check names and shapes against the family table; return the write plan (no data read yet)."""
+def plan_tensors(det: Detected, src_tensors, ucfg: dict, dtype: torch.dtype | None) -> tuple[Mapping, list[PlannedTensor]]:
+    """Check names and shapes against the family table; return the mapping and the write
+    plan in the same order (no data read yet)."""
     shapes = {k: src_tensors.shape(k) for k in src_tensors.keys()}
     mapping = map_keys(det.fmt, shapes, det.family.expected_shapes(ucfg), str(det.root))
     plan = []
     for name, (target, shape) in mapping.entries.items():
-        out_dtype = src_tensors.dtype(target.source)
+        out_dtype = src_tensors.dtype(_first_source(target))
         if dtype is not None and out_dtype.is_floating_point:
             out_dtype = torch.float32 if det.family.keeps_fp32(name) else dtype
 
         def produce(target=target, out_dtype=out_dtype):
-            piece = TRANSFORMS[target.transform].pieces(src_tensors.get(target.source))[target.part]
-            return piece.to(out_dtype)
+            transform = TRANSFORMS[target.transform]
+            if transform.stacked:  # peak memory: the pieces and their stack, one layer's experts
+                return transform.forward([src_tensors.get(k).to(out_dtype) for k in target.stack])
+            return transform.pieces(src_tensors.get(target.source))[target.part].to(out_dtype)
 
         plan.append(PlannedTensor(name, tuple(shape), out_dtype, produce))
-    return plan
+    return mapping, plan
+
+
+def _first_source(target) -> str:
+    """The source key (of a stacked tensor: its first piece's) that gives the source dtype."""
+    return target.stack[0] if target.stack else target.source
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -85,7 +93,7 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
     with open_tensors(det.files) as tensors:
         shapes = {k: tensors.shape(k) for k in tensors.keys()}
         ucfg = unified_config(det, shapes)
-        plan = plan_tensors(det, tensors, ucfg, dtype)
+        mapping, plan = plan_tensors(det, tensors, ucfg, dtype)
         with cf.ThreadPoolExecutor(max_workers=1) as pool, atomic_directory(out, force=force) as tmp:
             hashes = {f: pool.submit(source_sha256, f) for f in det.files + list(det.tokenizer.values())}
             bar = _progress(sum(p.nbytes for p in plan), f"convert {out.name}", progress)
@@ -110,8 +118,8 @@ def convert_local(det: Detected, src: Source, out: Path, dtype: torch.dtype | No
                     "sha": src.sha,
                     "files": {_rel(f, det.root): h.result() for f, h in hashes.items()},
                     "hf_config": det.hf_config,
-                    "dtype": _main_dtype([PlannedTensor(p.name, p.shape, tensors.dtype(_source_key(det, p.name)), None)
-                                          for p in plan]),
+                    "dtype": _main_dtype([PlannedTensor(p.name, p.shape, tensors.dtype(_first_source(target)), None)
+                                          for p, (target, _) in zip(plan, mapping.entries.values())]),
                 },
                 "weights": files,
                 "tokenizer": sorted(det.tokenizer),
@@ -147,10 +155,6 @@ def summary(path: Path, meta: dict) -> dict:
         "weights": meta["weights"],
     }
 
-
-
-def _source_key(det: Detected, name: str) -> str:
-    return det.fmt.from_canonical(name).source
 
 
 def _main_dtype(plan: list[PlannedTensor]) -> str:

@@ -25,6 +25,7 @@ from ..errors import StatecastError
 class Reference(abc.ABC):
     implementation: str
     version: str
+    dtype: torch.dtype  # what it computes in
     weights: str  # how the original files reached the reference, for the report
     hidden_view = "raw"  # or "layer_norm": normalised without affine (when raw states are not exposed)
 
@@ -42,15 +43,16 @@ class Reference(abc.ABC):
 
 
 class HfReference(Reference):
-    """transformers' class for the source architecture (``HfArch.architecture``), float32,
-    loaded with ``from_pretrained`` from the original directory.
+    """transformers' class for the source architecture (``HfArch.architecture``), loaded with
+    ``from_pretrained`` from the original directory, in the dtype our model computes in
+    (float32 unless verify is asked for a lower precision).
 
     Per-layer hidden states are read with forward hooks on the decoder blocks (the
     residual stream after each block), because the ``output_hidden_states`` conventions
     differ between classes (some put the final norm's output in the last slot).
     """
 
-    def __init__(self, path: Path, device: torch.device, arch, ucfg: dict):
+    def __init__(self, path: Path, device: torch.device, arch, ucfg: dict, dtype: torch.dtype = torch.float32):
         import transformers
         from transformers.utils import logging as hf_logging
 
@@ -58,13 +60,14 @@ class HfReference(Reference):
         cls = getattr(transformers, arch.architecture)
         self.implementation = f"transformers.{arch.architecture}"
         self.version = metadata.version("transformers")
-        self.device = device
-        self.weights = f"from_pretrained({str(path)!r}, dtype=float32{''.join(f', {k}={v!r}' for k, v in arch.reference_kwargs)})"
+        self.device, self.dtype = device, dtype
+        self.weights = (f"from_pretrained({str(path)!r}, dtype={str(dtype).removeprefix('torch.')}"
+                        f"{''.join(f', {k}={v!r}' for k, v in arch.reference_kwargs)})")
         self.model = self._load(cls, path, arch, ucfg).to(device).eval()
         self.blocks = _decoder_blocks(self.model, ucfg["n_layer"])
 
     def _load(self, cls, path: Path, arch, ucfg: dict):
-        return cls.from_pretrained(path, dtype=torch.float32, **dict(arch.reference_kwargs))
+        return cls.from_pretrained(path, dtype=self.dtype, **dict(arch.reference_kwargs))
 
     @torch.inference_mode()
     def logits(self, ids):
@@ -132,14 +135,15 @@ class NativeMambaReference(HfReference):
         with torch.device("meta"):
             model = cls(config)
         with open_tensors(weight_files(path)) as src:
-            state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).float() for k in src.keys()}
+            state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).to(self.dtype) for k in src.keys()}
         if config.tie_word_embeddings:  # the head IS the embedding, whatever copy the file holds
             state["lm_head.weight"] = state["backbone.embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.tie_weights()
         self.weights = (f"state-spaces tensors from {path} loaded into {arch.architecture} by name; renamed "
-                        + ", ".join(f"{a} -> {b}" for a, b in NATIVE_MAMBA_RENAMES.items()) + "; float32")
+                        + ", ".join(f"{a} -> {b}" for a, b in NATIVE_MAMBA_RENAMES.items())
+                        + f"; {str(self.dtype).removeprefix('torch.')}")
         return model
 
 
@@ -155,6 +159,7 @@ class RwkvPackageReference(Reference):
     """
 
     hidden_view = "layer_norm"
+    dtype = torch.float32  # the package's CPU strategies compute in float32 (or int8 weights)
 
     def __init__(self, path: Path, device: torch.device):
         try:
@@ -205,17 +210,19 @@ class RwkvPackageReference(Reference):
         return new
 
 
-def make_reference(fmt_name: str, path: Path, device: torch.device, ucfg: dict) -> Reference:
-    """The reference implementation for a recorded source format (``ucfg``: the unified config)."""
+def make_reference(fmt_name: str, path: Path, device: torch.device, ucfg: dict,
+                   dtype: torch.dtype = torch.float32) -> Reference:
+    """The reference implementation for a recorded source format (``ucfg``: the unified config),
+    computing in ``dtype`` where it can (``Reference.dtype`` says what it uses)."""
     from .families import format_by_name
 
     fam, arch, fmt = format_by_name(fmt_name)
     if arch is not None:
-        return HfReference(path, device, arch, ucfg)
+        return HfReference(path, device, arch, ucfg, dtype)
     if fmt.name == "rwkv-native":
         return RwkvPackageReference(path, device)
     if fmt.name == "mamba-native":
-        return NativeMambaReference(path, device, fam.arch(fam.native.export_as), ucfg)
+        return NativeMambaReference(path, device, fam.arch(fam.native.export_as), ucfg, dtype)
     raise StatecastError(f"no reference implementation for source format {fmt_name!r}")
 
 

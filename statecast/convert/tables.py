@@ -33,12 +33,17 @@ class Transform:
     ``c_attn`` -> q, k, v): ``forward`` returns a tuple, ``inverse`` takes one, ``shape``
     maps the source shape to a tuple of canonical shapes. Otherwise they take and return
     single tensors and shapes.
+
+    ``stacked`` is the other direction: the source keys ``...experts.{j}...`` for j = 0..J-1
+    become one canonical tensor, their stack along a new first axis (an MoE layer's experts).
+    ``forward`` takes the list of pieces in j order, ``inverse`` returns it.
     """
 
     forward: Callable
     inverse: Callable
     shape: Callable
     parts: int = 1
+    stacked: bool = False  # many source tensors (``{j}`` in the source template) -> one [J, ...] tensor
 
     def pieces(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.forward(t)) if self.parts > 1 else (self.forward(t),)
@@ -96,6 +101,9 @@ TRANSFORMS: dict[str, Transform] = {
     ),
     # ... and its bias [3*H*D] -> three [H*D].
     "split_qkv": Transform(forward=_split3, inverse=lambda ts: torch.cat(ts, 0), shape=_split3_shape, parts=3),
+    # Per-expert tensors of a mixture of experts (Jamba's ``experts.{j}.gate_proj.weight``
+    # [F, C]) -> one [J, F, C] stack; ``shape`` gives the shape of one piece.
+    "stack": Transform(forward=torch.stack, inverse=lambda t: list(t.unbind(0)), shape=lambda s: s, stacked=True),
 }
 
 
@@ -113,14 +121,28 @@ class Rule:
         n = len(self.canonical) if isinstance(self.canonical, tuple) else 1
         if n != TRANSFORMS[self.transform].parts:
             raise ValueError(f"rule {self.source}: transform {self.transform} makes {TRANSFORMS[self.transform].parts} tensors, {n} named")
+        if TRANSFORMS[self.transform].stacked != ("{j}" in self.source):
+            raise ValueError(f"rule {self.source}: a stacking transform needs {{j}} in the source template, and only it")
 
     @property
     def targets(self) -> tuple[str, ...]:
         return self.canonical if isinstance(self.canonical, tuple) else (self.canonical,)
 
 
+# template fields: {i} the layer index, {j} the index of a stacked piece (an expert)
+_FIELDS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)"}
+
+
 def _compile(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+    pattern = re.escape(template)
+    for name, group in _FIELDS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), group)
+    return re.compile("^" + pattern + "$")
+
+
+def stack_key(target: "Target", j: int) -> str:
+    """The source key of piece ``j`` of a stacked canonical tensor."""
+    return target.source.format(j=j)
 
 
 @dataclass(frozen=True)
@@ -128,9 +150,10 @@ class Target:
     """Where one canonical tensor comes from: a source key, a transform, and which of its parts."""
 
     name: str
-    source: str
+    source: str  # for a stacked tensor: the template with {j} left in (see stack_key)
     transform: str
-    part: int = 0
+    part: int = 0  # which part of a split source; for a stacked tensor, the piece's j
+    stack: tuple[str, ...] = ()  # a stacked tensor's source keys in j order (set by map_keys)
 
 
 @dataclass(frozen=True)
@@ -164,6 +187,9 @@ class SourceFormat:
                 if rule is None:
                     return False
                 g = m.groupdict()
+                if TRANSFORMS[rule.transform].stacked:
+                    return [Target(rule.canonical.format(**g), rule.source.format(i=g["i"], j="{j}"), rule.transform,
+                                   int(g["j"]))]
                 return [Target(n.format(**g), key, rule.transform, part) for part, n in enumerate(rule.targets)]
         return None
 
@@ -172,7 +198,7 @@ class SourceFormat:
         for pattern, rule, part in self._rev:
             m = pattern.match(name)
             if m:
-                return Target(name, rule.source.format(**m.groupdict()), rule.transform, part)
+                return Target(name, rule.source.format(**m.groupdict(), j="{j}"), rule.transform, part)
         raise StatecastError(f"format {self.name} has no name for canonical tensor {name!r}")
 
     def siblings(self, target: Target) -> list[str]:
@@ -201,6 +227,7 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
     Raises one error naming every unexpected, missing or mis-shaped tensor.
     """
     entries: dict[str, tuple[Target, Shape]] = {}
+    pieces: dict[str, dict[int, tuple[Target, Shape]]] = {}  # stacked name -> j -> piece
     unknown, dropped, duplicate = [], [], []
     for key, shape in source_shapes.items():
         hits = fmt.to_canonical(key)
@@ -212,27 +239,44 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
             continue
         shapes = TRANSFORMS[hits[0].transform].piece_shapes(tuple(shape))
         for t, s in zip(hits, shapes):
+            if TRANSFORMS[t.transform].stacked:
+                pieces.setdefault(t.name, {})[t.part] = (t, s)
+                continue
             if t.name in entries:
                 duplicate.append(key)
             entries[t.name] = (t, s)
+    missing = [fmt.from_canonical(n).source for n in expected if n not in entries and n not in pieces]
+    for name, got in pieces.items():
+        t0 = next(iter(got.values()))[0]
+        n = expected[name][0] if name in expected else 0
+        unknown += [stack_key(t0, j) for j in got if j >= n]
+        missing += [stack_key(t0, j) for j in range(n) if j not in got]
+        if name in expected and all(j in got for j in range(n)):
+            keys = tuple(stack_key(t0, j) for j in range(n))
+            shapes = {got[j][1] for j in range(n)}
+            shape = (n, *got[0][1]) if len(shapes) == 1 else BAD
+            entries[name] = (Target(name, t0.source, t0.transform, 0, keys), shape)
     unexpected = [entries[n][0].source for n in entries if n not in expected] + unknown + duplicate
-    missing = [fmt.from_canonical(n).source for n in expected if n not in entries]
     problems = []
     if unexpected:
         problems.append(f"unexpected tensors {_listing(set(unexpected))}")
     if missing:
         problems.append(f"missing tensors {_listing(set(missing))}")
     if not problems:
-        bad = sorted({
-            f"{entries[n][0].source} has shape {tuple(source_shapes[entries[n][0].source])}, expected {_source_shape(fmt, n, expected)}"
-            for n, s in expected.items()
-            if entries[n][1] != tuple(s)
-        })
+        bad = sorted(_misshaped(fmt, n, entries[n][0], source_shapes, expected) for n, s in expected.items() if entries[n][1] != tuple(s))
         if bad:
             problems.append("mis-shaped tensors: " + "; ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""))
     if problems:
         raise StatecastError(f"{where} ({fmt.name}): " + "; ".join(problems))
     return Mapping(entries={n: entries[n] for n in expected}, dropped=dropped)
+
+
+def _misshaped(fmt: SourceFormat, name: str, target: Target, source_shapes: dict[str, Shape], expected: dict[str, Shape]) -> str:
+    if target.stack:  # name the first piece whose shape is off
+        want = tuple(expected[name][1:])
+        key = next((k for k in target.stack if tuple(source_shapes[k]) != want), target.stack[0])
+        return f"{key} has shape {tuple(source_shapes[key])}, expected {want}"
+    return f"{target.source} has shape {tuple(source_shapes[target.source])}, expected {_source_shape(fmt, name, expected)}"
 
 
 def _source_shape(fmt: SourceFormat, name: str, expected: dict[str, Shape]) -> Shape:
@@ -250,16 +294,23 @@ def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dic
     or drop them when the model ties its head.
     """
     out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
     unknown = []
     for key, t in state.items():
         hits = fmt.to_canonical(key)
         if hits is None:
             unknown.append(key)
+        elif hits is not False and TRANSFORMS[hits[0].transform].stacked:
+            stacks.setdefault(hits[0].name, {})[hits[0].part] = t
         elif hits is not False:
             for target, piece in zip(hits, TRANSFORMS[hits[0].transform].pieces(t)):
                 out[target.name] = piece
     if unknown:
         raise StatecastError(f"{fmt.name}: unexpected tensors {_listing(unknown)}")
+    for name, got in stacks.items():
+        if sorted(got) != list(range(len(got))):
+            raise StatecastError(f"{fmt.name}: the pieces of {name} are not numbered 0..{len(got) - 1}: {sorted(got)}")
+        out[name] = TRANSFORMS["stack"].forward([got[j] for j in range(len(got))])
     return out
 
 
@@ -267,13 +318,23 @@ def from_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> d
     """Canonical names -> the source format's names (the inverse of :func:`to_canonical_state`)."""
     out = {}
     for source, names, transform in group_by_source(fmt, state):
-        out[source] = TRANSFORMS[transform].join(tuple(state[n] for n in names))
+        t = TRANSFORMS[transform]
+        if t.stacked:
+            out.update(unstack(source, t, state[names[0]]))
+        else:
+            out[source] = t.join(tuple(state[n] for n in names))
     return out
+
+
+def unstack(source: str, transform: Transform, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stacked canonical tensor -> {source key of piece j: piece j}."""
+    return {source.format(j=j): piece for j, piece in enumerate(transform.inverse(t))}
 
 
 def group_by_source(fmt: SourceFormat, names) -> list[tuple[str, list[str], str]]:
     """(source key, its canonical names in part order, transform) for every canonical name,
-    in first-seen order; a split tensor whose parts are not all present is an error."""
+    in first-seen order; a split tensor whose parts are not all present is an error. For a
+    stacked tensor the source key is the template with ``{j}`` left in."""
     groups: dict[str, tuple[list[str], str]] = {}
     for name in names:
         target = fmt.from_canonical(name)

@@ -1,13 +1,13 @@
 """``convert verify``: the parity report of a converted model against the original implementation.
 
 Same inputs, same device, on both sides: a fixed batch of random token sequences
-(2 x 64, seeded) plus encoded English text when the model has a tokenizer. The
-reference runs in float32 on the original files; our model runs in float32 unless
-``--dtype`` says otherwise (a bfloat16 or float16 source is upcast exactly, so both sides
-compute the same function in the same precision) or the conversion itself cast the
-weights (then in the cast dtype, with that dtype's tolerances). Metrics are over all
-positions; the pass/fail thresholds live in one table, :data:`TOLERANCES`, keyed by
-the dtype our model computes in.
+(2 x 64, seeded) plus encoded English text when the model has a tokenizer, and the same
+precision: both run in float32 unless ``--dtype`` says otherwise (a bfloat16 or float16
+source is upcast exactly, so both sides compute the same function in float32) or the
+conversion itself cast the weights (then in the cast dtype). In a lower precision the
+reference runs in it too (BlinkDL's ``rwkv`` package stays float32) and that dtype's
+tolerances apply. Metrics are over all positions; the pass/fail thresholds live in one
+table, :data:`TOLERANCES`, keyed by the dtype our model computes in.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..checkpoints.layout import open_unified, sha256_file, write_json_atomic
+from ..checkpoints.readers import parse_dtype
 from ..errors import ParityFailed, StatecastError
 from .generate import generate_ids
 from .loading import load_model, load_tokenizer, resolve_device
@@ -28,12 +29,17 @@ from .references import make_reference, present_hidden
 
 # Thresholds by the dtype our model computes in. nmse_db and layer_nmse_db are
 # upper bounds (more negative is better); agreements are lower bounds (0..1).
+# bfloat16 keeps 8 bits of mantissa; two correct bfloat16 implementations round in
+# different places. Calibration: transformers' own JambaForCausalLM in bfloat16 against
+# itself in float32 on the test checkpoints gives kl_max 0.036 and nmse -26.5 dB (a top-k
+# router amplifies rounding: a near-tie flips an expert); ours in bfloat16 against it in
+# bfloat16 gives 0.031-0.046 and -24.7 to -31.5 dB. The bounds leave about 2x room.
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"max_abs_diff": 2e-3, "nmse_db": -80.0, "kl_max": 1e-6, "top1_agreement": 0.999,
                 "greedy_agreement": 1.0, "step_vs_parallel_max_abs_diff": 2e-3, "layer_nmse_db": -70.0},
     "float16": {"max_abs_diff": 0.25, "nmse_db": -40.0, "kl_max": 5e-3, "top1_agreement": 0.97,
                 "greedy_agreement": 0.75, "step_vs_parallel_max_abs_diff": 0.25, "layer_nmse_db": -35.0},
-    "bfloat16": {"max_abs_diff": 1.0, "nmse_db": -25.0, "kl_max": 3e-2, "top1_agreement": 0.9,
+    "bfloat16": {"max_abs_diff": 1.0, "nmse_db": -20.0, "kl_max": 1e-1, "top1_agreement": 0.9,
                  "greedy_agreement": 0.5, "step_vs_parallel_max_abs_diff": 1.0, "layer_nmse_db": -22.0},
 }
 UPPER = ("max_abs_diff", "nmse_db", "kl_max", "step_vs_parallel_max_abs_diff")
@@ -113,7 +119,9 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         raise StatecastError(f"no parity tolerances for dtype {ours_dtype!r}; choose {', '.join(TOLERANCES)}")
     model, _ = load_model(um, dtype=ours_dtype, device=str(dev), kernels=kernels)
     tol = TOLERANCES[ours_dtype]
-    ref = make_reference(src.get("format", ""), ref_path, dev, um.config)
+    # the reference computes in our dtype: a lower precision is judged against the original
+    # implementation in that precision, by that precision's tolerances
+    ref = make_reference(src.get("format", ""), ref_path, dev, um.config, parse_dtype(ours_dtype))
     tok = load_tokenizer(um)
     batches = _inputs(um.config["vocab_size"], tok)
 
@@ -169,7 +177,8 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         "model": str(um.path),
         "family": um.family,
         "source": src.get("id"),
-        "reference": {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path), "dtype": "float32",
+        "reference": {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path),
+                      "dtype": str(ref.dtype).removeprefix("torch."),
                       "weights": ref.weights},
         "statecast": __version__,
         "torch": torch.__version__,
@@ -197,7 +206,7 @@ def render_markdown(r: dict) -> str:
         f"# Parity report: {verdict}",
         "",
         f"- model: `{r['model']}` ({r['family']}, stored {r['checkpoint_dtype']}, computed in {r['dtype']}) from `{r['source']}`",
-        f"- reference: {r['reference']['implementation']} {r['reference']['version']} (float32): {r['reference']['weights']}",
+        f"- reference: {r['reference']['implementation']} {r['reference']['version']} ({r['reference']['dtype']}): {r['reference']['weights']}",
         f"- device: {r['device']}, {r.get('kernels', 'torch')} kernels; statecast {r['statecast']}, torch {r['torch']}",
         f"- inputs: {r['inputs']['random']} random tokens"
         + (f" + {r['inputs']['text_tokens']} text tokens" if r["inputs"]["text_tokens"] else "")

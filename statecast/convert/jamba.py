@@ -1,0 +1,133 @@
+"""Jamba checkpoint format: Hugging Face ``JambaForCausalLM`` as on the Hub.
+
+The files hold one tensor per expert (``feed_forward.experts.{j}.gate_proj.weight``); the
+unified layout stacks each MoE layer's experts into ``layers.{i}.moe.{gate,up,down}``
+[X, ...] (the ``stack`` transform, written one layer's stack at a time) and splits them
+back on export. The Mamba mixer's tensors carry the Mamba family's canonical names; its
+dt/B/C norms (``dt_layernorm`` ...) become ``dt_norm``/``b_norm``/``c_norm``.
+
+Which layers are attention and which carry experts is Jamba's period/offset rule in
+``config.json``; the unified config stores the resulting per-layer lists, so a layout the
+rule cannot express is still a valid model (it is refused only when written back as
+``JambaForCausalLM``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import StatecastError
+from .mamba import MIXER_TENSORS
+from .tables import Family, HfArch, Rule, SourceFormat
+
+_BCDT_NORMS = (("dt_layernorm", "dt_norm"), ("b_layernorm", "b_norm"), ("c_layernorm", "c_norm"))
+_PROJ = ("gate", "up", "down")
+
+
+def _rules() -> tuple[Rule, ...]:
+    h, out = "model.layers.{i}", "layers.{i}"
+    ff = f"{h}.feed_forward"
+    return (
+        Rule("model.embed_tokens.weight", "embed.weight"),
+        Rule(f"{h}.input_layernorm.weight", f"{out}.mixer_norm.weight"),
+        *(Rule(f"{h}.self_attn.{p}_proj.weight", f"{out}.attn.{p}.weight") for p in "qkvo"),
+        *(Rule(f"{h}.mamba.{t}", f"{out}.mamba.{t}") for t in MIXER_TENSORS),
+        *(Rule(f"{h}.mamba.{src}.weight", f"{out}.mamba.{dst}.weight") for src, dst in _BCDT_NORMS),
+        Rule(f"{h}.pre_ff_layernorm.weight", f"{out}.mlp_norm.weight"),
+        *(Rule(f"{ff}.{p}_proj.weight", f"{out}.mlp.{p}.weight") for p in _PROJ),
+        Rule(f"{ff}.router.weight", f"{out}.moe.router.weight"),
+        *(Rule(f"{ff}.experts.{{j}}.{p}_proj.weight", f"{out}.moe.{p}", "stack") for p in _PROJ),
+        Rule("model.final_layernorm.weight", "final_norm.weight"),
+        Rule("lm_head.weight", "lm_head.weight"),
+    )
+
+
+HF = SourceFormat("jamba-hf", "jamba", _rules(), optional=("lm_head.weight",))
+
+
+def _every(n: int, period: int, offset: int, yes: str, no: str) -> list[str]:
+    return [yes if i % period == offset else no for i in range(n)]
+
+
+def config_from_hf(cfg: dict) -> dict:
+    d, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    experts = cfg.get("num_experts", 16)
+    rank = cfg.get("mamba_dt_rank", "auto")
+    for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):
+        if cfg.get(offset, 0) >= cfg.get(period, 1):
+            raise ValueError(f"{offset} ({cfg[offset]}) must be smaller than {period} ({cfg[period]})")
+    return {
+        "vocab_size": cfg["vocab_size"],
+        "d_model": d,
+        "n_layer": n,
+        "layer_kinds": _every(n, cfg.get("attn_layer_period", 8), cfg.get("attn_layer_offset", 4), "attention", "mamba"),
+        # transformers: a layer has experts iff num_experts > 1 and the period rule picks it
+        "ffn_kinds": _every(n, cfg.get("expert_layer_period", 2), cfg.get("expert_layer_offset", 1),
+                            "moe" if experts > 1 else "mlp", "mlp"),
+        "n_head": heads,
+        "n_kv_head": cfg.get("num_key_value_heads") or heads,
+        "head_dim": d // heads,
+        "d_ffn": cfg["intermediate_size"],
+        "n_experts": experts,
+        "top_k": cfg.get("num_experts_per_tok", 2),
+        "d_inner": int(cfg.get("mamba_expand", 2) * d),
+        "d_state": cfg.get("mamba_d_state", 16),
+        "d_conv": cfg.get("mamba_d_conv", 4),
+        "dt_rank": math.ceil(d / 16) if rank == "auto" else int(rank),
+        "act": cfg.get("hidden_act", "silu"),
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "proj_bias": bool(cfg.get("mamba_proj_bias", False)),
+        "conv_bias": bool(cfg.get("mamba_conv_bias", True)),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _period(kinds: list[str], kind: str, what: str) -> tuple[int, int]:
+    """(period, offset) with ``kinds[i] == kind`` exactly when ``i % period == offset``."""
+    n = len(kinds)
+    for period in range(1, n + 1):
+        for offset in range(period):
+            if _every(n, period, offset, kind, "") == [k if k == kind else "" for k in kinds]:
+                return period, offset
+    raise StatecastError(f"the {what} layout {kinds} has no period/offset form; JambaForCausalLM cannot hold it")
+
+
+def hf_config(ucfg: dict, base: dict | None = None) -> dict:
+    """A ``config.json`` for ``JambaForCausalLM``; ``base`` (the source's own config) keeps its other fields."""
+    d, n = ucfg["d_model"], ucfg["n_layer"]
+    if ucfg["head_dim"] * ucfg["n_head"] != d:
+        raise StatecastError(f"JambaForCausalLM needs head_dim * n_head == d_model, got {ucfg['head_dim']} * {ucfg['n_head']} != {d}")
+    if ucfg["d_inner"] % d:
+        raise StatecastError(f"JambaForCausalLM needs d_inner a multiple of d_model, got {ucfg['d_inner']} and {d}")
+    cfg = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True})
+    attn_period, attn_offset = _period(ucfg["layer_kinds"], "attention", "attention")
+    cfg.update(
+        architectures=["JambaForCausalLM"],
+        model_type="jamba",
+        vocab_size=ucfg["vocab_size"],
+        hidden_size=d,
+        num_hidden_layers=n,
+        num_attention_heads=ucfg["n_head"],
+        num_key_value_heads=ucfg["n_kv_head"],
+        intermediate_size=ucfg["d_ffn"],
+        attn_layer_period=attn_period,
+        attn_layer_offset=attn_offset,
+        num_experts=ucfg["n_experts"] if "moe" in ucfg["ffn_kinds"] else 1,
+        num_experts_per_tok=ucfg["top_k"],
+        mamba_d_state=ucfg["d_state"],
+        mamba_d_conv=ucfg["d_conv"],
+        mamba_expand=ucfg["d_inner"] // d,
+        mamba_dt_rank=ucfg["dt_rank"],
+        mamba_conv_bias=ucfg["conv_bias"],
+        mamba_proj_bias=ucfg["proj_bias"],
+        hidden_act=ucfg["act"],
+        rms_norm_eps=ucfg["norm_eps"],
+        tie_word_embeddings=ucfg["tie_embeddings"],
+    )
+    if "moe" in ucfg["ffn_kinds"]:
+        cfg["expert_layer_period"], cfg["expert_layer_offset"] = _period(ucfg["ffn_kinds"], "moe", "expert")
+    return cfg
+
+
+FAMILY = Family(name="jamba", hf=(HfArch("jamba", "JambaForCausalLM", (HF,), config_from_hf, hf_config),))
