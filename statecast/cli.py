@@ -97,18 +97,31 @@ def verify(path, device, dtype, reference, kernels, as_json):
 
 @main.command()
 @click.argument("path")
-@click.option("--format", "fmt", type=click.Choice(["hf"]), required=True, help="Target format.")
-@click.option("--out", type=click.Path(), default=None, help="Output directory (default: PATH/<format>).")
+@click.option("--format", "fmt", required=True, help="Target format: hf (Hugging Face, exact round trip) or onnx.")
+@click.option("--dtype", default=None, help="ONNX only: fp32 (default), fp16 or int8 (dynamic quantization).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="ONNX only: onnxruntime provider of the parity check (default cpu).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Output directory (default: PATH/hf, PATH/onnx, PATH/onnx-fp16, PATH/onnx-int8).")
 @force_option
 @json_option
 @handle_errors
-def export(path, fmt, out, force, as_json):
-    """Write the unified model at PATH in another format."""
+def export(path, fmt, dtype, provider, out, force, as_json):
+    """Write the unified model at PATH in another format (ONNX: checked in onnxruntime first)."""
     from .checkpoints.store import resolve
     from .convert.export import export as do_export
 
-    info = do_export(resolve(path), fmt, out, force=force)
-    _emit(info, as_json, lambda i: click.echo(i["path"]))
+    progress = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
+    info = do_export(resolve(path), fmt, out, force=force, dtype=dtype, provider=provider, progress=progress)
+
+    def human(i):
+        click.echo(i["path"])
+        if "parity" in i:  # ONNX: the check it passed
+            p = i["parity"]
+            click.echo(f"parity ({i['dtype']}, onnxruntime {p['provider']}): passed, max_abs_diff {p['max_abs_diff']:.3g}, "
+                       f"top1 {p['top1_agreement']:.4f}, kl_mean {p['kl_mean']:.3g}", err=True)
+
+    _emit(info, as_json, human)
 
 
 @main.command()
@@ -123,21 +136,39 @@ def export(path, fmt, out, force, as_json):
 @dtype_option("Run in this dtype (default: the checkpoint's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @kernels_option
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: run PATH's ONNX export (PATH/onnx, or an export directory) with onnxruntime, without torch.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="--runtime onnx: onnxruntime provider (default cpu; cuda needs onnxruntime-gpu).")
 @json_option
 @handle_errors
-def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, kernels, as_json):
-    """Generate from PATH: parallel prefill, then one step per token (text streams as it comes)."""
-    from .checkpoints.store import resolve
-    from .convert.generate import generate as do_generate
-
+def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, kernels,
+             runtime, provider, as_json):
+    """Generate from PATH: prefill, then one step per token (text streams as it comes)."""
     if greedy and temperature is not None:
         raise StatecastError("--greedy and --temperature exclude each other")
     stream = None if as_json else (lambda s: click.echo(s, nl=False))
+    sampling = dict(prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                    temperature=temperature or 1.0, top_p=top_p, seed=seed, on_text=stream)
+    if runtime == "onnx":  # imports no torch: onnxruntime, numpy, tokenizers
+        from .runtime import generate as run_onnx
+
+        torch_only = [flag for flag, given in (("--dtype", dtype is not None), ("--device", device != "cpu"),
+                                                ("--kernels", kernels != "torch")) if given]
+        if torch_only:
+            raise StatecastError(f"{', '.join(torch_only)} {'is' if len(torch_only) == 1 else 'are'} for --runtime torch "
+                                 "only (an ONNX graph's dtype is fixed at export; choose the device with --provider)")
+        run = functools.partial(run_onnx, path, provider=provider or "cpu", **sampling)
+    else:
+        from .checkpoints.store import resolve
+        from .convert.generate import generate as do_generate
+
+        if provider is not None:
+            raise StatecastError("--provider is for --runtime onnx only (use --device)")
+        run = functools.partial(do_generate, resolve(path), dtype=dtype, device=device, kernels=kernels, **sampling)
     if stream and prompt is not None:
         click.echo(prompt, nl=False)
-    out = do_generate(resolve(path), prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                      greedy=temperature is None, temperature=temperature or 1.0, top_p=top_p, seed=seed,
-                      dtype=dtype, device=device, kernels=kernels, on_text=stream)
+    out = run()
     if as_json:
         click.echo(json.dumps(out))
     elif prompt is None:

@@ -47,6 +47,12 @@ def config_from_unified(cls, cfg: dict, kind: str | None):
         raise ValueError(f"{cls.__name__}: layer_kinds must be [{kind!r}] * {out.n_layer}, got {kinds!r}")
     return out
 
+def every_layer(fields: tuple[str, ...], n_layer: int) -> dict[str, tuple[int, ...]]:
+    """``state_layers()`` of a model whose every layer carries every state field: the model
+    layer index of each row of each stacked field (export names per-layer tensors by it)."""
+    return {name: tuple(range(n_layer)) for name in fields}
+
+
 def token_shift(x: Tensor, last: Tensor) -> Tensor:
     """The previous position's input at every position: ``out[:, t] = x[:, t-1]``,
     ``out[:, 0] = last``.

@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import RMSNorm, config_from_unified, rms_norm
+from statecast.arch.layers import RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm
 
 BCDT_NORMS = ("none", "rms", "rms_weighted")
 SCAN_IMPLS = ("torch", "compiled")
@@ -692,7 +692,7 @@ class MambaMixer(nn.Module):
         Cm = self._norm(dbc[..., R + N :], "c_norm").float()  # [B, T, N]
         # HF: dt_proj.weight @ dt (no bias), + bias in float32, softplus
         dt = F.linear(dt_r, self.dt_proj.weight).float().add_(self.dt_proj.bias.float())  # [B, T, E]
-        if needs_grad:
+        if needs_grad or is_exporting():  # softplus.out has no ONNX symbolic
             dt = F.softplus(dt)
         else:  # in place: one fresh [B, T, E] buffer less (see "Memory" in the module docstring)
             dt = torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
@@ -790,6 +790,9 @@ class Mamba(nn.Module):
             load_compiled_scan()
         for layer in self.layers:
             layer.mamba.scan_impl = impl
+
+    def state_layers(self) -> dict[str, tuple[int, ...]]:
+        return every_layer(MambaState._fields, self.cfg.n_layer)
 
     def init_state(self, batch: int, device=None) -> MambaState:
         cfg = self.cfg

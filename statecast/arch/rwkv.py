@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import config_from_unified, token_shift
+from statecast.arch.layers import config_from_unified, every_layer, is_exporting, token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
 # Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
@@ -245,9 +245,20 @@ def wkv_chunked(
 
 
 def _linear_cm(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T computed as weight @ x^T: [B, T, C] -> [B, T, A] view of [A, B*T] memory."""
+    """x @ weight.T computed as weight @ x^T: [B, T, C] -> [B, T, A] view of [A, B*T] memory.
+
+    Exported graphs take the plain ``F.linear`` (MatMul by a constant right operand, which
+    dynamic quantization recognises; the layout trick only matters to the chunked WKV)."""
+    if is_exporting():
+        return F.linear(x, weight)  # [B, T, A]
     B, T, C = x.shape
     return torch.mm(weight, x.reshape(B * T, C).T).T.view(B, T, -1)
+
+
+def _mix(sx: Tensor, dx: Tensor, mu: Tensor) -> Tensor:
+    """The token-shift lerp ``sx + mu * dx`` ([B, T, C]): one fused addcmul eagerly, the plain
+    form when exporting (the TorchScript exporter's addcmul promotes float16 to float32)."""
+    return sx + dx * mu if is_exporting() else torch.addcmul(sx, dx, mu)
 
 
 class TimeMix(nn.Module):
@@ -269,9 +280,9 @@ class TimeMix(nn.Module):
     def forward(self, x: Tensor, sx: Tensor, num: Tensor, den: Tensor, mx: Tensor):
         # x, sx: [B, T, C] normed input and its token shift; num, den, mx: [B, A] float32
         dx = x - sx
-        k = _linear_cm(torch.addcmul(sx, dx, self.mix_k), self.key.weight)  # [B, T, A]
-        v = _linear_cm(torch.addcmul(sx, dx, self.mix_v), self.value.weight)  # [B, T, A]
-        r = torch.sigmoid(_linear_cm(torch.addcmul(sx, dx, self.mix_r), self.receptance.weight))
+        k = _linear_cm(_mix(sx, dx, self.mix_k), self.key.weight)  # [B, T, A]
+        v = _linear_cm(_mix(sx, dx, self.mix_v), self.value.weight)  # [B, T, A]
+        r = torch.sigmoid(_linear_cm(_mix(sx, dx, self.mix_r), self.receptance.weight))
         w = torch.exp(self.decay.float())  # [A]
         u = self.bonus.float()  # [A]
         if x.shape[1] == 1:  # RNN form: one token
@@ -298,11 +309,11 @@ class ChannelMix(nn.Module):
     def forward(self, x: Tensor, sx: Tensor) -> Tensor:
         # x, sx: [B, T, C]
         dx = x - sx
-        k = torch.relu_(self.up(torch.addcmul(sx, dx, self.mix_k)))  # [B, T, F], relu in place
+        k = torch.relu_(self.up(_mix(sx, dx, self.mix_k)))  # [B, T, F], relu in place
         # squared ReLU; in place unless autograd needs k: a fresh [T, F] buffer costs ~3 ms
         # of page faults per layer at T=1024 (measured), as much as the relu and mul together
         k = k * k if torch.is_grad_enabled() else k.mul_(k)
-        r = torch.sigmoid(self.receptance(torch.addcmul(sx, dx, self.mix_r)))  # [B, T, C]
+        r = torch.sigmoid(self.receptance(_mix(sx, dx, self.mix_r)))  # [B, T, C]
         return r * self.down(k)  # [B, T, C]
 
 
@@ -377,6 +388,9 @@ class Rwkv(nn.Module):
         self.embed.weight.normal_(0.0, 1e-4, generator=generator)
         self.embed_norm.reset_parameters()
         self.final_norm.reset_parameters()
+
+    def state_layers(self) -> dict[str, tuple[int, ...]]:
+        return every_layer(RwkvState._fields, self.cfg.n_layer)
 
     def init_state(self, batch: int, device=None) -> RwkvState:
         cfg = self.cfg

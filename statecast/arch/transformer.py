@@ -56,6 +56,7 @@ from statecast.arch.layers import (
     Rope,
     attention_bias,
     config_from_unified,
+    every_layer,
     is_exporting,
     make_norm,
 )
@@ -217,6 +218,9 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
+
+    def state_layers(self) -> dict[str, tuple[int, ...]]:
+        return every_layer(KVState._fields, self.cfg.n_layer)
 
     def init_state(self, batch: int, device=None) -> KVState:
         """An empty history (P = 0)."""

@@ -32,9 +32,9 @@ import torch
 from .. import __version__
 from ..errors import StatecastError
 from .readers import ST_CODES, dtype_name, open_tensors, read_safetensors_header
+from .store import META_FILE
 
 FORMAT = "statecast/1"
-META_FILE = "statecast.json"
 SHARD_BYTES = 4 * 1024**3  # shard past 4 GiB, like transformers' default max_shard_size ballpark
 ALIGN = 8
 

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .layout import META_FILE
+META_FILE = "statecast.json"  # a unified model's metadata file (here, not in layout.py: the store stays torch-free)
 
 
 def home() -> Path:

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..errors import StatecastError
+from ..runtime.text import TextStream, prompt_ids_of
 from .loading import load_model, load_tokenizer
 
 
@@ -44,46 +45,14 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, greedy: b
     return new
 
 
-def parse_ids(text: str, vocab_size: int) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise StatecastError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise StatecastError(f"--prompt-ids out of range for a vocabulary of {vocab_size}: {bad[:5]}")
-    return ids
-
-
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
              dtype: str | None = None, device: str = "cpu", kernels: str = "torch",
              on_text: Callable[[str], None] | None = None) -> dict:
     model, um = load_model(path, dtype=dtype, device=device, kernels=kernels)
     tok = load_tokenizer(um)
-    if (prompt is None) == (prompt_ids is None):
-        raise StatecastError("give exactly one of --prompt or --prompt-ids")
-    if prompt is not None:
-        if tok is None:
-            raise StatecastError(f"{um.path} has no tokenizer.json; use --prompt-ids 1,2,3")
-        ids = tok.encode(prompt).ids
-    else:
-        ids = parse_ids(prompt_ids, um.config["vocab_size"])
-
-    new_ids: list[int] = []
-    shown = ""
-
-    def on_token(token: int) -> None:
-        """Collect the token; stream the text decoded so far (whole characters only)."""
-        nonlocal shown
-        new_ids.append(token)
-        if tok is not None and on_text is not None:
-            text = tok.decode(new_ids)
-            if text.startswith(shown) and not text.endswith("\ufffd"):
-                on_text(text[len(shown):])
-                shown = text
-
+    ids = prompt_ids_of(tok, prompt, prompt_ids, um.config["vocab_size"], um.path)
+    stream = TextStream(tok, on_text)
     generate_ids(model, ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
-                 on_token=on_token)
-    text = tok.decode(new_ids) if tok is not None else " ".join(map(str, new_ids))
-    return {"prompt_ids": ids, "new_ids": new_ids, "text": text}
+                 on_token=stream)
+    return {"prompt_ids": ids, "new_ids": stream.ids, "text": stream.text()}

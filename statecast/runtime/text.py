@@ -1,0 +1,70 @@
+"""Prompt parsing, sampling and text streaming shared by both runtimes; numpy only (no torch)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import StatecastError
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``, every id inside the vocabulary."""
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise StatecastError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise StatecastError(f"--prompt-ids out of range for a vocabulary of {vocab_size}: {bad[:5]}")
+    return ids
+
+
+def prompt_ids_of(tokenizer, prompt: str | None, prompt_ids: str | None, vocab_size: int, where) -> list[int]:
+    """The prompt as token ids: ``prompt`` encoded with ``tokenizer``, or ``prompt_ids`` parsed
+    (exactly one of them). ``where`` names the model in the error when it has no tokenizer."""
+    if (prompt is None) == (prompt_ids is None):
+        raise StatecastError("give exactly one of --prompt or --prompt-ids")
+    if prompt is not None:
+        if tokenizer is None:
+            raise StatecastError(f"{where} has no tokenizer.json; use --prompt-ids 1,2,3")
+        return tokenizer.encode(prompt).ids
+    return parse_ids(prompt_ids, vocab_size)
+
+
+def sample_next(logits: np.ndarray, greedy: bool, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
+    """One token id from ``logits [V]``: argmax (the first maximum, as ``torch.argmax``), or
+    nucleus sampling at ``temperature`` (the smallest prefix of the sorted distribution whose
+    mass reaches ``top_p``)."""
+    if greedy or temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    sorted_p = p[order]
+    sorted_p = sorted_p * (np.cumsum(sorted_p) - sorted_p < top_p)
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(order[rng.choice(len(sorted_p), p=sorted_p / sorted_p.sum())])
+
+
+class TextStream:
+    """Collects generated ids (call it with each new id) and hands ``on_text`` the text decoded
+    so far, whole characters only (a partial UTF-8 sequence waits for its next token)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.tokenizer is not None and self.on_text is not None:
+            text = self.tokenizer.decode(self.ids)
+            if text.startswith(self.shown) and not text.endswith("\ufffd"):
+                self.on_text(text[len(self.shown):])
+                self.shown = text
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids) if self.tokenizer is not None else " ".join(map(str, self.ids))
