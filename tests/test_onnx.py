@@ -203,9 +203,11 @@ def test_fp16_and_int8(source, dtype, unified):
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and report["dtype"] == dtype and report["thresholds"] == onnx_export.THRESHOLDS[dtype]
     # a tiny random MoE is the hardest case for int8: a quantized hidden state near a router
-    # tie sends the token through another expert (measured top-1 0.88 here; routers stay float)
-    assert report["top1_agreement"] >= (0.85 if source.startswith("jamba") and dtype == "int8" else 0.9)
-    assert report["kl_mean"] < 5e-3
+    # tie sends the token through another expert (measured top-1 0.85, kl_mean 9e-3 here;
+    # routers stay float)
+    moe_int8 = source.startswith("jamba") and dtype == "int8"
+    assert report["top1_agreement"] >= (0.8 if moe_int8 else 0.9)
+    assert report["kl_mean"] < (2e-2 if moe_int8 else 5e-3)
     desc = json.loads((out / "statecast.json").read_text())
     dtypes = {s["field"]: s["dtype"] for s in desc["state"]}
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
@@ -220,9 +222,7 @@ def test_fp16_and_int8(source, dtype, unified):
     else:
         assert desc["quantization"]["weight_type"] == "QInt8" and {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
         assert set(dtypes.values()) == {"float32"}
-    # (int8: a MoE's stacked experts are read through Gather, not MatMul, and stay float32;
-    # on this tiny Jamba they are most of the weights)
-    assert info["bytes"] < (0.95 if source.startswith("jamba") and dtype == "int8" else 0.8) * fp32["bytes"]
+    assert info["bytes"] < 0.8 * fp32["bytes"]
     # the runtime drives the variant like the fp32 graph
     r = json.loads(cli("generate", str(out), "--runtime", "onnx", "--prompt", "The quick", "--max-new-tokens", "5",
                        "--json").stdout)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from statecast.arch.layers import ACTIVATIONS, Attention, GatedMLP, MoE, RMSNorm, attention_bias, config_from_unified
+from statecast.arch.layers import ACTIVATIONS, Attention, CausalLM, GatedMLP, MoE, RMSNorm, attention_bias, config_from_unified
 from statecast.arch.mamba import MambaMixer
 
 LAYER_KINDS = ("attention", "mamba")
@@ -149,7 +149,7 @@ class JambaBlock(nn.Module):
         return x + (self.moe(h) if self.ffn_kind == "moe" else self.mlp(h)), s1, s2
 
 
-class Jamba(nn.Module):
+class Jamba(CausalLM):
     def __init__(self, cfg: JambaConfig):
         super().__init__()
         self.cfg = cfg
@@ -218,7 +218,7 @@ class Jamba(nn.Module):
         if state is None:
             state = self.init_state(B, input_ids.device)
         P = state.key.shape[3]
-        x = self.embed(input_ids)  # [B, T, C]
+        x = self.embed_tokens(input_ids)  # [B, T, C]
         mask = attention_bias(T, P, None, x.dtype, x.device)  # [T, P+T] or None (causal kernel)
         new = {f: [] for f in JambaState._fields}
         hidden = []
@@ -235,17 +235,12 @@ class Jamba(nn.Module):
             if output_hidden:
                 hidden.append(x)
         x = self.final_norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
-        logits = torch.matmul(x, head.T)  # [B, T, V]
+        logits = self.head_logits(x)  # [B, T, V]
         state = JambaState(*(torch.stack(new[f]) if new[f] else _grown(getattr(state, f), T) for f in JambaState._fields))
         if output_hidden:
             return logits, state, hidden
         return logits, state
 
-    def step(self, input_ids: Tensor, state: JambaState | None = None):
-        """One token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""
-        logits, state = self.forward(input_ids.reshape(-1, 1), state)
-        return (logits[:, 0] if input_ids.dim() == 1 else logits), state
 
 
 def _grown(empty_stack: Tensor, T: int) -> Tensor:
@@ -256,4 +251,3 @@ def _grown(empty_stack: Tensor, T: int) -> Tensor:
         shape[3] += T
         return empty_stack.new_zeros(shape)
     return empty_stack
-

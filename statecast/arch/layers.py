@@ -166,6 +166,36 @@ def _inplace_ok(t: Tensor) -> bool:
     return not (t.requires_grad or is_exporting())
 
 
+class CausalLM(nn.Module):
+    """What every statecast model shares around its blocks: the token embedding ``embed``,
+    the head (``lm_head``, or the embedding itself when ``lm_head`` is None: tied) and the
+    one-token ``step``. Subclasses define ``forward(input_ids, state) -> (logits, state)``."""
+
+    embed: nn.Embedding
+    lm_head: nn.Linear | None
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B, T] -> embeddings [B, T, C].
+
+        Exporting a tied model, the rows are read from the head's transposed table [C, V]
+        instead: the exporter folds the head's transpose into a constant, and a lookup in
+        the [V, C] table would keep a second copy of the largest tensor in the graph."""
+        if self.lm_head is None and is_exporting():
+            rows = self.embed.weight.t().index_select(1, input_ids.reshape(-1))  # [C, B*T]
+            return rows.t().reshape(*input_ids.shape, -1)
+        return self.embed(input_ids)
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """x [B, T, C] after the final norm -> logits [B, T, V] (in the head's dtype)."""
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
+        return torch.matmul(x.to(head.dtype), head.t())
+
+    def step(self, input_ids: Tensor, state=None):
+        """One token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V]), new state."""
+        logits, state = self.forward(input_ids.reshape(-1, 1), state)
+        return (logits[:, 0] if input_ids.dim() == 1 else logits), state
+
+
 class MLP(nn.Module):
     """``down(act(up(x)))``: GPT-2's ``GPT2MLP`` (``c_fc`` = up, ``c_proj`` = down, with biases)."""
 

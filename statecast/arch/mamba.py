@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm
+from statecast.arch.layers import CausalLM, RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm
 
 BCDT_NORMS = ("none", "rms", "rms_weighted")
 SCAN_IMPLS = ("torch", "compiled")
@@ -755,7 +755,7 @@ class MambaBlock(nn.Module):
         return res + out, conv, ssm
 
 
-class Mamba(nn.Module):
+class Mamba(CausalLM):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
@@ -813,15 +813,14 @@ class Mamba(nn.Module):
         """
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
-        x = self.embed(input_ids)  # [B, T, C]
+        x = self.embed_tokens(input_ids)  # [B, T, C]
         seg = PREFILL_SEGMENT or x.shape[1]
         outs, hidden = [], [[] for _ in self.layers]
         for s in range(0, x.shape[1], seg):
             y, state = self._layers(x[:, s : s + seg], state, hidden if output_hidden else None)
             outs.append(y)
         x = self.final_norm(outs[0] if len(outs) == 1 else torch.cat(outs, 1))  # [B, T, C]
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
-        logits = torch.matmul(x.to(head.dtype), head.T)  # [B, T, V]
+        logits = self.head_logits(x)  # [B, T, V]
         if output_hidden:
             return logits, state, [h[0] if len(h) == 1 else torch.cat(h, 1) for h in hidden]
         return logits, state
@@ -836,8 +835,3 @@ class Mamba(nn.Module):
             if hidden is not None:
                 hidden[i].append(x)
         return x, MambaState(torch.stack(convs), torch.stack(ssms))
-
-    def step(self, input_ids: Tensor, state: MambaState | None = None):
-        """One token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""
-        logits, state = self.forward(input_ids.reshape(-1, 1), state)
-        return (logits[:, 0] if input_ids.dim() == 1 else logits), state

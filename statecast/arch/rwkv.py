@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import config_from_unified, every_layer, is_exporting, token_shift
+from statecast.arch.layers import CausalLM, config_from_unified, every_layer, is_exporting, token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
 # Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
@@ -340,7 +340,7 @@ class RwkvBlock(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-class Rwkv(nn.Module):
+class Rwkv(CausalLM):
     def __init__(self, cfg: RwkvConfig):
         super().__init__()
         self.cfg = cfg
@@ -411,15 +411,14 @@ class Rwkv(nn.Module):
         """
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
-        x = self.embed_norm(self.embed(input_ids))  # [B, T, C]
+        x = self.embed_norm(self.embed_tokens(input_ids))  # [B, T, C]
         seg = PREFILL_SEGMENT or x.shape[1]
         outs, hidden = [], [[] for _ in self.layers]
         for s in range(0, x.shape[1], seg):
             y, state = self._layers(x[:, s : s + seg], state, hidden if output_hidden else None)
             outs.append(y)
         x = self.final_norm(outs[0] if len(outs) == 1 else torch.cat(outs, 1))
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
-        logits = torch.matmul(x, head.T)  # [B, T, V]
+        logits = self.head_logits(x)  # [B, T, V]
         if output_hidden:
             return logits, state, [h[0] if len(h) == 1 else torch.cat(h, 1) for h in hidden]
         return logits, state
@@ -434,8 +433,3 @@ class Rwkv(nn.Module):
             if hidden is not None:
                 hidden[i].append(x)
         return x, RwkvState(*(torch.stack(acc) for acc in new))
-
-    def step(self, input_ids: Tensor, state: RwkvState | None = None):
-        """RNN form, one token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""
-        logits, state = self.forward(input_ids.reshape(-1, 1), state)
-        return (logits[:, 0] if input_ids.dim() == 1 else logits), state

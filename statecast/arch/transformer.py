@@ -51,6 +51,7 @@ from statecast.arch.layers import (
     NORMS,
     ROPE_TYPES,
     Attention,
+    CausalLM,
     GatedMLP,
     RMSNorm,
     Rope,
@@ -186,7 +187,7 @@ def _residual(update: Tensor, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- model
 
 
-class Transformer(nn.Module):
+class Transformer(CausalLM):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -243,7 +244,7 @@ class Transformer(nn.Module):
         if state is None:
             state = self.init_state(B, input_ids.device)
         P = state.key.shape[3]
-        x = self.embed(input_ids)  # [B, T, C]
+        x = self.embed_tokens(input_ids)  # [B, T, C]
         dtype, device = x.dtype, x.device
         positions = torch.arange(T, device=device) + P  # [T]
         rope = None
@@ -277,15 +278,9 @@ class Transformer(nn.Module):
             if output_hidden:
                 hidden.append(x)
         x = self.final_norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, C]
-        logits = torch.matmul(x, head.T)  # [B, T, V]
+        logits = self.head_logits(x)  # [B, T, V]
         if not direct:
             new = KVState(torch.stack(keys), torch.stack(values))
         if output_hidden:
             return logits, new, hidden
         return logits, new
-
-    def step(self, input_ids: Tensor, state: KVState | None = None):
-        """One token: input_ids [B] -> logits [B, V] (or [B, 1] -> [B, 1, V])."""
-        logits, state = self.forward(input_ids.reshape(-1, 1), state)
-        return (logits[:, 0] if input_ids.dim() == 1 else logits), state

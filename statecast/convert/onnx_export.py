@@ -25,7 +25,7 @@ dtypes: ``fp32``; ``fp16`` traces the model cast to float16 (``load_model(dtype=
 what the model keeps in float32 stays float32 in the graph: RWKV's decay/bonus and its WKV
 exp/state arithmetic, Mamba's SSM state); ``int8`` is onnxruntime's dynamic quantization
 (int8 weights per output channel, uint8 activations quantized at run time) of the fp32 graph's
-MatMuls. Every dtype is judged against the float32 PyTorch model by :data:`THRESHOLDS`.
+MatMuls and constant-table Gathers. Every dtype is judged against the float32 PyTorch model by :data:`THRESHOLDS`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep their 
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 GENAI_FILE, PARITY_FILE = "genai_config.json", "parity.json"
 QUANTIZATION = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
-                "op_types": ["MatMul", "Gemm"],
+                # Gather: lookups in constant tables (the embedding; the one [C, V] table of a
+                # tied model, shared with the head's MatMul; a MoE's stacked experts)
+                "op_types": ["MatMul", "Gemm", "Gather"],
                 # MatMuls kept in float, by node-name fragment (the exporter names nodes by module
                 # path): MoE routers, where a flipped expert choice replaces a token's whole MLP output
                 "keep_float": ["/router/"]}
