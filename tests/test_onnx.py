@@ -116,6 +116,16 @@ def test_export_layout_names_and_parity(exported):
     else:  # the single-token recurrence
         assert desc["sequence_length"] == 1 and inputs["input_ids"]["shape"] == ["batch_size", 1]
         assert not (out / "genai_config.json").exists() and desc["genai_config"] is None
+    if family in ("transformer", "jamba"):  # a past KV tensor's data is read once, by its layer's
+        # cat with the new keys (and the past length off a Shape): the per-layer inputs are never
+        # stacked and sliced again inside the graph
+        readers: dict[str, list[str]] = {}
+        for node in graph.node:
+            for name_in in node.input:
+                if node.op_type != "Shape":
+                    readers.setdefault(name_in, []).append(node.op_type)
+        assert {s: readers[s] for s in state if s.endswith((".key", ".value"))} == {
+            s: ["Concat"] for s in state if s.endswith((".key", ".value"))}
     if family == "rwkv":  # the running max starts very negative, not at 0; WKV state in float32
         assert state["past_key_values.2.wkv_max"]["initial"]["fill"] == -1e38
         assert {state[f"past_key_values.0.{s}"]["dtype"] for s in ("wkv_num", "wkv_den", "wkv_max")} == {"float32"}

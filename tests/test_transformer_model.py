@@ -365,7 +365,8 @@ def test_traced_graph_is_one_path_for_all_lengths():
 
         def forward(self, input_ids, key, value):
             logits, state = self.model(input_ids, KVState(key, value))
-            return logits, state.key, state.value
+            # traced, the new state is per layer (layers.LayerStack); eagerly, a stack
+            return logits, torch.stack(list(state.key)), torch.stack(list(state.value))
 
     fn = Step().eval()
     model = fn.model

@@ -36,7 +36,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from statecast.arch.layers import ACTIVATIONS, Attention, CausalLM, GatedMLP, MoE, RMSNorm, attention_bias, config_from_unified
+from statecast.arch.layers import (
+    ACTIVATIONS,
+    Attention,
+    CausalLM,
+    GatedMLP,
+    MoE,
+    RMSNorm,
+    attention_bias,
+    config_from_unified,
+    stack_layers,
+)
 from statecast.arch.mamba import MambaMixer
 
 LAYER_KINDS = ("attention", "mamba")
@@ -236,7 +246,7 @@ class Jamba(CausalLM):
                 hidden.append(x)
         x = self.final_norm(x)
         logits = self.head_logits(x)  # [B, T, V]
-        state = JambaState(*(torch.stack(new[f]) if new[f] else _grown(getattr(state, f), T) for f in JambaState._fields))
+        state = JambaState(*(stack_layers(new[f]) if new[f] else _grown(getattr(state, f), T) for f in JambaState._fields))
         if output_hidden:
             return logits, state, hidden
         return logits, state

@@ -53,6 +53,25 @@ def every_layer(fields: tuple[str, ...], n_layer: int) -> dict[str, tuple[int, .
     return {name: tuple(range(n_layer)) for name in fields}
 
 
+class LayerStack(tuple):
+    """A stacked state field [L, ...] held as its L per-layer tensors, for exported graphs.
+
+    A graph's state crosses its boundary as one tensor per layer; stacking them inside the
+    graph and slicing the stack again would copy every layer's KV history twice per step
+    (onnxruntime has no views). Models only index rows (``stack[i]``) and read ``shape``,
+    so inside an export this tuple stands in for the stack. Not for empty fields."""
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self[0].shape)
+
+
+def stack_layers(per_layer: list[Tensor]) -> Tensor:
+    """A model's new state field from its per-layer tensors: ``torch.stack`` eagerly, a
+    :class:`LayerStack` (no copy) while exporting."""
+    return LayerStack(per_layer) if is_exporting() else torch.stack(per_layer)
+
+
 def token_shift(x: Tensor, last: Tensor) -> Tensor:
     """The previous position's input at every position: ``out[:, t] = x[:, t-1]``,
     ``out[:, 0] = last``.

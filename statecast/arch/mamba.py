@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import CausalLM, RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm
+from statecast.arch.layers import CausalLM, RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm, stack_layers
 
 BCDT_NORMS = ("none", "rms", "rms_weighted")
 SCAN_IMPLS = ("torch", "compiled")
@@ -834,4 +834,4 @@ class Mamba(CausalLM):
             ssms.append(ssm)
             if hidden is not None:
                 hidden[i].append(x)
-        return x, MambaState(torch.stack(convs), torch.stack(ssms))
+        return x, MambaState(stack_layers(convs), stack_layers(ssms))

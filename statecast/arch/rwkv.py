@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import CausalLM, config_from_unified, every_layer, is_exporting, token_shift
+from statecast.arch.layers import CausalLM, config_from_unified, every_layer, is_exporting, stack_layers, token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
 # Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
@@ -432,4 +432,4 @@ class Rwkv(CausalLM):
                 acc.append(s)
             if hidden is not None:
                 hidden[i].append(x)
-        return x, RwkvState(*(torch.stack(acc) for acc in new))
+        return x, RwkvState(*(stack_layers(acc) for acc in new))

@@ -60,6 +60,7 @@ from statecast.arch.layers import (
     every_layer,
     is_exporting,
     make_norm,
+    stack_layers,
 )
 
 POSITIONS = ("learned", "rope", "none")
@@ -280,7 +281,7 @@ class Transformer(CausalLM):
         x = self.final_norm(x)
         logits = self.head_logits(x)  # [B, T, V]
         if not direct:
-            new = KVState(torch.stack(keys), torch.stack(values))
+            new = KVState(stack_layers(keys), stack_layers(values))
         if output_hidden:
             return logits, new, hidden
         return logits, new

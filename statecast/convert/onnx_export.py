@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..arch.layers import LayerStack
 from ..checkpoints.layout import atomic_directory, open_unified
 from ..checkpoints.readers import dtype_name
 from ..errors import ParityFailed, StatecastError
@@ -169,7 +170,7 @@ class StateIO(nn.Module):
         stacked = []
         for f in self.state_type._fields:
             if rows[f]:
-                stacked.append(torch.stack([rows[f][r] for r in range(len(rows[f]))]))  # [L_f, B, ...]
+                stacked.append(LayerStack(rows[f][r] for r in range(len(rows[f]))))  # [L_f, B, ...] as rows, no copy
             else:  # a field no layer has: the model's own empty stack
                 empty = empty or self.model.init_state(input_ids.shape[0], input_ids.device)
                 stacked.append(getattr(empty, f))
