@@ -214,11 +214,13 @@ def list_(as_json):
               help="Which family to demonstrate (repeatable; default: all).")
 @handle_errors
 def demo(families):
-    """Offline: build tiny seeded models with transformers, pull, verify, generate, print the parity reports."""
+    """Offline: build tiny seeded models with transformers, pull, verify, generate, export to ONNX,
+    generate through onnxruntime, print the parity reports."""
     from .convert.demo import DEMO_BUILDERS, run_demo
 
     results = run_demo(families or tuple(DEMO_BUILDERS), say=click.echo)
-    failed = [f for f, r in results.items() if not r["parity"]["passed"]]
+    failed = [f for f, r in results.items()
+              if not r["parity"]["passed"] or r["onnx_generate"]["new_ids"] != r["generate"]["new_ids"]]
     if failed:
         click.echo(f"parity FAILED for {', '.join(failed)}", err=True)
         sys.exit(1)

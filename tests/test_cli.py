@@ -92,6 +92,7 @@ def test_demo_runs_offline(tmp_path):
     assert r.stdout.count("# Parity report: PASS") == 4 and "FAIL" not in r.stdout
     for family in ("rwkv", "mamba", "transformer", "jamba"):
         assert f"/4 {family}:" in r.stdout
+    assert r.stdout.count("--format onnx ->") == 4 and r.stdout.count("-> same ids as PyTorch") == 4
     assert "convert generate demo-llama" in r.stdout
 
 

@@ -159,10 +159,12 @@ DEMO_BUILDERS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
 
 
 def run_demo(families: tuple[str, ...] = tuple(DEMO_BUILDERS), say: Callable[[str], None] = print) -> dict:
-    """Build, pull, verify, generate for each family; sources stay in the store so
-    ``convert verify demo-...`` can be rerun."""
+    """Build, pull, verify, generate, export to ONNX and generate through onnxruntime for each
+    family; sources stay in the store so ``convert verify demo-...`` can be rerun."""
     from ..checkpoints.layout import open_unified
+    from ..runtime import generate as generate_onnx
     from .generate import generate
+    from .onnx_export import export_onnx
     from .pull import pull
     from .verify import render_markdown, verify
 
@@ -185,7 +187,16 @@ def run_demo(families: tuple[str, ...] = tuple(DEMO_BUILDERS), say: Callable[[st
             f"{report['reference']['implementation']} {report['reference']['version']}")
         gen = generate(info["path"], prompt="The quick brown fox", max_new_tokens=24)
         say(f"4. convert generate {name} --prompt 'The quick brown fox' -> {gen['text']!r}")
+        onnx = export_onnx(info["path"], force=True)
+        p = onnx["parity"]
+        say(f"5. convert export {name} --format onnx -> {onnx['path']} ({onnx['bytes'] / 1024:.0f} kB, T="
+            f"{onnx['sequence_length']}); onnxruntime vs PyTorch: max_abs_diff {p['max_abs_diff']:.2g}, "
+            f"top-1 {p['top1_agreement']:.3f}")
+        ort = generate_onnx(onnx["path"], prompt="The quick brown fox", max_new_tokens=24)
+        same = "same ids as PyTorch" if ort["new_ids"] == gen["new_ids"] else "ids DIFFER from PyTorch"
+        say(f"6. convert generate {name}/onnx --runtime onnx --prompt 'The quick brown fox' -> {same}")
         say("")
         say(render_markdown(report))
-        results[family] = {"path": info["path"], "parity": report, "generate": gen}
+        results[family] = {"path": info["path"], "parity": report, "generate": gen, "onnx": onnx,
+                           "onnx_generate": ort}
     return results
