@@ -101,18 +101,22 @@ def verify(path, device, dtype, reference, kernels, as_json):
 @click.option("--dtype", default=None, help="ONNX only: fp32 (default), fp16 or int8 (dynamic quantization).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
               help="ONNX only: onnxruntime provider of the parity check (default cpu).")
+@click.option("--moe-op", default=None,
+              help="ONNX only, mixture-of-experts models: standard (default: ONNX ops any runtime runs) or "
+                   "com.microsoft (onnxruntime's contrib MoE op: reads only the chosen experts, slower on CPU).")
 @click.option("--out", type=click.Path(), default=None,
               help="Output directory (default: PATH/hf, PATH/onnx, PATH/onnx-fp16, PATH/onnx-int8).")
 @force_option
 @json_option
 @handle_errors
-def export(path, fmt, dtype, provider, out, force, as_json):
+def export(path, fmt, dtype, provider, moe_op, out, force, as_json):
     """Write the unified model at PATH in another format (ONNX: checked in onnxruntime first)."""
     from .checkpoints.store import resolve
     from .convert.export import export as do_export
 
     progress = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
-    info = do_export(resolve(path), fmt, out, force=force, dtype=dtype, provider=provider, progress=progress)
+    info = do_export(resolve(path), fmt, out, force=force, dtype=dtype, provider=provider, moe_op=moe_op,
+                     progress=progress)
 
     def human(i):
         click.echo(i["path"])

@@ -26,6 +26,10 @@ what the model keeps in float32 stays float32 in the graph: RWKV's decay/bonus a
 exp/state arithmetic, Mamba's SSM state); ``int8`` is onnxruntime's dynamic quantization
 (int8 weights per output channel, uint8 activations quantized at run time) of the fp32 graph's
 MatMuls and constant-table Gathers. Every dtype is judged against the float32 PyTorch model by :data:`THRESHOLDS`.
+
+A mixture of experts (Jamba) is one node per layer in the traced graph (``layers.MoE``), by
+``moe_op``: standard ops (:mod:`.onnx_moe` rewrites the node into one ``If`` per expert) or
+onnxruntime's contrib ``MoE`` op.
 """
 
 from __future__ import annotations
@@ -44,13 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..arch.layers import LayerStack
+from ..arch.layers import LayerStack, MoE
 from ..checkpoints.layout import atomic_directory, open_unified
 from ..checkpoints.readers import dtype_name
 from ..errors import ParityFailed, StatecastError
 from ..runtime.ort import BATCH, DESCRIPTION, FORMAT, PAST, SEQUENCE, TOTAL, OnnxModel, provider_name
 from .generate import generate_ids
 from .loading import load_model
+from .onnx_moe import DOMAIN as MOE_DOMAIN
+from .onnx_moe import expand_moe
 from .verify import kl_per_position
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
@@ -60,12 +66,17 @@ OPSET = 17  # LayerNormalization needs 17; scaled_dot_product_attention exports 
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep their weights in model.onnx.data
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 GENAI_FILE, PARITY_FILE = "genai_config.json", "parity.json"
+# how a mixture of experts is written (layers.MoE): "standard" ONNX ops that any runtime runs
+# (onnx_moe: one If per expert, reading only the chosen experts' matrices), or onnxruntime's
+# contrib MoE op (its CPU kernel is the slower one for one-token decode: see the README)
+MOE_OPS = ("standard", "com.microsoft")
 QUANTIZATION = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True,
                 # Gather: lookups in constant tables (the embedding; the one [C, V] table of a
-                # tied model, shared with the head's MatMul; a MoE's stacked experts)
+                # tied model, shared with the head's MatMul)
                 "op_types": ["MatMul", "Gemm", "Gather"],
                 # MatMuls kept in float, by node-name fragment (the exporter names nodes by module
-                # path): MoE routers, where a flipped expert choice replaces a token's whole MLP output
+                # path): MoE routers, where a flipped expert choice replaces a token's whole MLP
+                # output (the experts' MatMuls, in their If branches, are quantized)
                 "keep_float": ["/router/"]}
 
 
@@ -204,6 +215,12 @@ def trace_graph(model: nn.Module, slots: list[Slot], dynamic_length: bool, vocab
             output_names=["logits"] + [s.output for s in slots], dynamic_axes=_dynamic_axes(slots, dynamic_length),
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
+    traced = onnx.load(str(path), load_external_data=False)  # (a graph over 2 GiB has its weights beside it)
+    if any(node.domain == MOE_DOMAIN for node in traced.graph.node):  # --moe-op standard: into standard ops
+        onnx.load_external_data_for_model(traced, str(path.parent))
+        expand_moe(traced)
+        onnx.save_model(traced, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -220,7 +237,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=QUANTIZATION["per_channel"],
                          op_types_to_quantize=QUANTIZATION["op_types"], nodes_to_exclude=keep,
-                         use_external_data_format=True)
+                         use_external_data_format=True, extra_options={"EnableSubgraph": True})
     finally:
         logger.setLevel(level)
 
@@ -440,12 +457,17 @@ def default_out(model_path: str | Path, dtype: str) -> Path:
 
 def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | None = None, force: bool = False,
                 provider: str = "cpu", progress: Callable[[str], None] | None = None,
-                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
+                external_data_bytes: int = EXTERNAL_DATA_BYTES, moe_op: str = "standard") -> dict:
     """Export the converted model at ``model_path`` to ONNX (see the module docstring), check it
     in onnxruntime, and move it into place only if the check passed (:class:`ParityFailed`,
-    exit 1, otherwise; nothing is left behind). Returns a summary dict (``--json``)."""
+    exit 1, otherwise; nothing is left behind). Returns a summary dict (``--json``).
+
+    ``moe_op``: how a mixture of experts is written (:data:`MOE_OPS`); models without one
+    ignore it."""
     if dtype not in ONNX_DTYPES:
         raise StatecastError(f"unknown --dtype {dtype!r} for ONNX; choose {', '.join(ONNX_DTYPES)}")
+    if moe_op not in MOE_OPS:
+        raise StatecastError(f"unknown --moe-op {moe_op!r}; choose {', '.join(MOE_OPS)}")
     provider_name(provider)  # before any work: a missing provider is an error now, not after tracing
     um = open_unified(model_path)
     say = progress or (lambda msg: None)
@@ -453,6 +475,9 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
     reference, _ = load_model(um, dtype="float32")
     model = reference if TRACE_DTYPE[dtype] == "float32" else load_model(um, dtype=TRACE_DTYPE[dtype])[0]
     slots = state_slots(model)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        m.export_op = moe_op
     dynamic_length = um.family in DYNAMIC_LENGTH_FAMILIES
     with atomic_directory(out, force=force) as tmp:
         scratch = tmp / ".trace"
@@ -470,6 +495,7 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
         for name in tokenizer:
             shutil.copyfile(um.path / name, tmp / name)
         desc = describe(model, um, slots, dtype, dynamic_length, tmp, external, tokenizer)
+        desc["moe_op"] = moe_op if moes else None
         genai = genai_config(desc, um)
         if genai is not None:
             desc["genai_config"] = GENAI_FILE
@@ -489,6 +515,6 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
         "path": str(out), "format": "onnx", "family": um.family, "dtype": dtype, "graph": GRAPH_FILE,
         "external_data": external, "bytes": sum((out / f).stat().st_size for f in (GRAPH_FILE, external) if f),
         "sequence_length": desc["sequence_length"], "inputs": len(desc["inputs"]), "outputs": len(desc["outputs"]),
-        "genai_config": desc["genai_config"], "files": files,
+        "genai_config": desc["genai_config"], "moe_op": desc["moe_op"], "files": files,
         "parity": {k: report[k] for k in ("passed", "max_abs_diff", "top1_agreement", "kl_mean", "greedy_agreement", "provider")},
     }
