@@ -26,35 +26,15 @@ from common import (
     base_args,
     emit,
     environment,
+    generate_ms_per_token,
+    hf_generate_fn,
+    matvec_bandwidth_fn,
     model_pair,
     print_table,
     set_threads,
     time_interleaved,
+    weight_bytes_per_token,
 )
-
-
-def weight_bytes_per_token(model) -> int:
-    """Every parameter is read once per token, except the embedding tables: one row each."""
-    total = 0
-    for name, p in model.named_parameters():
-        n = p.numel() if name not in ("embed.weight", "pos_embed.weight") else p.shape[1]
-        total += n * p.element_size()
-    return total
-
-
-def matvec_bandwidth_fn(V: int, C: int, n: int = 10):
-    """10 [1, C] x [C, V] fp32 products (the lm head shape; weights stream from DRAM)
-    and the bytes they read: bandwidth = bytes / time."""
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(V, C, generator=g)
-    x = torch.randn(1, C, generator=g)
-    out = torch.empty(1, V)
-
-    def run():
-        for _ in range(n):
-            torch.mm(x, W.T, out=out)
-
-    return run, n * W.numel() * W.element_size()
 
 
 def matvec_floor_fn(model):
@@ -112,14 +92,10 @@ def main() -> None:
         mv_ms = mv.best * 1e3
 
         # transformers generate, greedy
-        gen_kw = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
-
-        def generate(n):
-            return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
-
+        generate = hf_generate_fn(hf, prompt)
         tg = time_interleaved({"one": lambda: generate(1), "all": lambda: generate(steps + 1)}, max(2, repeats - 2))
         t_one, t_all = tg["one"], tg["all"]
-        tf_ms = max(t_all.best - t_one.best, 0.0) / steps * 1e3
+        tf_ms = generate_ms_per_token(t_one, t_all, steps)
         # same greedy continuation? (tokens_sc holds the first token and `steps` more)
         hf_tokens = generate(steps + 1)[0, args.prompt :].tolist()
         agree = sum(a == b for a, b in zip(hf_tokens, tokens_sc))

@@ -134,14 +134,21 @@ def time_fn(
     )
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, **kw) -> dict[str, Timing]:
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, settle: float = 0.0,
+                     **kw) -> dict[str, Timing]:
     """``time_fn`` for several functions in rounds (a, b, c, a, b, c, ...), so that a
-    change in machine load during the run hits all of them alike; returns name -> Timing."""
+    change in machine load during the run hits all of them alike; returns name -> Timing.
+
+    settle: seconds slept (untimed) before each sample, so that the thread pools of the
+    previous function (onnxruntime's and OpenMP's workers spin for a while after their
+    work) are idle when the next one starts."""
     for fn in fns.values():  # warm-up
         fn()
     samples: dict[str, list[Timing]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             samples[name].append(time_fn(fn, repeats=1, warmup=0, **kw))
     out = {}
     for name, ts in samples.items():
@@ -247,9 +254,20 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
 }
 
 
-def model_pair(shape: str, seed: int = 0, **overrides):
+# Parameters whose init carries meaning (Mamba's S4D A_log, D and dt bias): left as initialised
+# when trained-like magnitudes are asked for.
+KEEP_INIT = ("A_log", "D", "dt_proj.bias")
+
+
+def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **overrides):
     """A random statecast model of a benchmark shape and transformers' class holding the
-    same weights (statecast's init, copied through the converter's Hub name table). Both eval, fp32."""
+    same weights (statecast's init, copied through the converter's Hub name table). Both eval, fp32.
+
+    ``trained_like``: matrices with std 1/sqrt(fan_in) instead (``demo.spread_weights``).
+    The default init of Mamba (std 0.1 for 768 inputs) and of a MoE router (near-ties between
+    experts) is chaotic over many layers: any rounding (int8, or float32 in another order)
+    sends the logits elsewhere, which says nothing about a trained checkpoint. Speed does not
+    depend on the values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from statecast.convert.families import FAMILIES
@@ -262,6 +280,10 @@ def model_pair(shape: str, seed: int = 0, **overrides):
     cfg = cfg_cls.from_unified({**dims, **overrides})
     ours = model_cls(cfg)
     ours.reset_parameters(generator=torch.Generator().manual_seed(seed))
+    if trained_like:
+        from statecast.convert.demo import spread_weights
+
+        spread_weights(ours, seed, keep=KEEP_INIT)
     hf_cfg = AutoConfig.for_model(**{**arch.hf_config(cfg.to_unified(), None), **dict(arch.reference_kwargs)})
     try:  # skip transformers' random init (e.g. an orthogonal [V, C] head takes seconds)
         from transformers.initialization import no_init_weights
@@ -351,3 +373,75 @@ def gemm_floor_fn(model, T: int, preallocated: bool = True):
             torch.bmm(x, w)
 
     return run if preallocated else run_alloc
+
+
+# --------------------------------------------------------------------------- decode floor
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step must read (batch 1): every parameter once, except
+    the embedding tables (one row each), a tied head (the whole embedding matrix, read as
+    the head), and a mixture of experts' expert matrices (only the ``top_k`` chosen of
+    ``n_experts``; the router is read whole)."""
+    from statecast.arch.layers import MoE
+
+    share = {}  # id(param) -> fraction of it a token reads
+    for m in model.modules():
+        if isinstance(m, MoE):
+            for p in (m.gate, m.up, m.down):
+                share[id(p)] = m.top_k / m.n_experts
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name in ("embed.weight", "pos_embed.weight"):
+            n = p.shape[1]
+        else:
+            n = p.numel() * share.get(id(p), 1.0)
+        total += n * p.element_size()
+    if getattr(model, "lm_head", "absent") is None:  # tied: the head is the embedding matrix
+        total += model.embed.weight.numel() * model.embed.weight.element_size()
+    return int(total)
+
+
+def matvec_bandwidth_fn(V: int, C: int, n: int = 10):
+    """10 [1, C] x [C, V] fp32 products (the lm head shape; weights stream from DRAM)
+    and the bytes they read: bandwidth = bytes / time."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(V, C, generator=g)
+    x = torch.randn(1, C, generator=g)
+    out = torch.empty(1, V)
+
+    def run():
+        for _ in range(n):
+            torch.mm(x, W.T, out=out)
+
+    return run, n * W.numel() * W.element_size()
+
+
+def read_bandwidth_fn(nbytes: int = 256 * 2**20, n: int = 4):
+    """``n`` sums over an fp32 array of ``nbytes`` (far past any cache): a plain streaming
+    read, the other bound on bandwidth besides the matvec kernels. Returns (run, bytes read)."""
+    a = torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        for _ in range(n):
+            a.sum()
+
+    return run, n * a.numel() * a.element_size()
+
+
+def hf_generate_fn(hf, prompt: torch.Tensor):
+    """``generate(n)``: transformers' greedy ``generate`` of exactly n new tokens after
+    ``prompt`` [1, T] (use_cache, no eos), as transformers' eager decode runs."""
+    gen_kw = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+
+    def generate(n: int):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+
+    return generate
+
+
+def generate_ms_per_token(t_one: Timing, t_all: Timing, steps: int) -> float:
+    """transformers' per-token decode time from ``generate`` timed for 1 and ``steps + 1``
+    new tokens: (time(steps + 1) - time(1)) / steps, so the prompt and the first token
+    cancel out (ms, best against best)."""
+    return max(t_all.best - t_one.best, 0.0) / steps * 1e3
