@@ -45,6 +45,7 @@ from statecast.arch.layers import (
     RMSNorm,
     attention_bias,
     config_from_unified,
+    embedding,
     stack_layers,
 )
 from statecast.arch.mamba import MambaMixer
@@ -164,8 +165,7 @@ class Jamba(CausalLM):
         super().__init__()
         self.cfg = cfg
         C = cfg.d_model
-        # _weight: skip nn.Embedding's own init (reset_parameters does it; on meta it imports dynamo)
-        self.embed = nn.Embedding(cfg.vocab_size, C, _weight=torch.empty(cfg.vocab_size, C))
+        self.embed = embedding(cfg.vocab_size, C)
         self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = RMSNorm(C, eps=cfg.norm_eps)  # final_layernorm
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)

@@ -185,6 +185,13 @@ def _inplace_ok(t: Tensor) -> bool:
     return not (t.requires_grad or is_exporting())
 
 
+def embedding(n: int, C: int) -> nn.Embedding:
+    """An [n, C] ``nn.Embedding`` left uninitialised: the model's ``reset_parameters`` (or a
+    loaded state dict) fills it, and nn.Embedding's own ``normal_()`` on the meta device
+    imports torch._dynamo (~1 s per conversion)."""
+    return nn.Embedding(n, C, _weight=torch.empty(n, C))
+
+
 class CausalLM(nn.Module):
     """What every statecast model shares around its blocks: the token embedding ``embed``,
     the head (``lm_head``, or the embedding itself when ``lm_head`` is None: tied) and the

@@ -81,7 +81,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import CausalLM, RMSNorm, config_from_unified, every_layer, is_exporting, rms_norm, stack_layers
+from statecast.arch.layers import (
+    CausalLM,
+    RMSNorm,
+    config_from_unified,
+    embedding,
+    every_layer,
+    is_exporting,
+    rms_norm,
+    stack_layers,
+)
 
 BCDT_NORMS = ("none", "rms", "rms_weighted")
 SCAN_IMPLS = ("torch", "compiled")
@@ -759,9 +768,7 @@ class Mamba(CausalLM):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
-        # _weight: skip nn.Embedding's own normal_() init (reset_parameters below does it);
-        # on the meta device that call alone imports torch._dynamo (~1 s per conversion)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        self.embed = embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # HF norm_f
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statecast.arch.layers import CausalLM, config_from_unified, every_layer, is_exporting, stack_layers, token_shift
+from statecast.arch.layers import CausalLM, config_from_unified, embedding, every_layer, is_exporting, stack_layers, token_shift
 
 WKV_CHUNK = 16  # K; chosen by measurement (see wkv_chunked)
 # Tokens per pass through the layers in Rwkv.forward (None: all at once). Bounds the
@@ -344,9 +344,7 @@ class Rwkv(CausalLM):
     def __init__(self, cfg: RwkvConfig):
         super().__init__()
         self.cfg = cfg
-        # _weight: skip nn.Embedding's own normal_() init (reset_parameters below does it);
-        # on the meta device that call alone imports torch._dynamo (~1 s per conversion)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        self.embed = embedding(cfg.vocab_size, cfg.d_model)
         self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)  # HF pre_ln / native ln0
         self.layers = nn.ModuleList(RwkvBlock(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.final_norm_eps)  # ln_out

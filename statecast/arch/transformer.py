@@ -57,6 +57,7 @@ from statecast.arch.layers import (
     Rope,
     attention_bias,
     config_from_unified,
+    embedding,
     every_layer,
     is_exporting,
     make_norm,
@@ -193,11 +194,9 @@ class Transformer(CausalLM):
         super().__init__()
         self.cfg = cfg
         C = cfg.d_model
-        # _weight: skip nn.Embedding's own normal_() init (reset_parameters below does it);
-        # on the meta device that call alone imports torch._dynamo (~1 s per conversion)
-        self.embed = nn.Embedding(cfg.vocab_size, C, _weight=torch.empty(cfg.vocab_size, C))
+        self.embed = embedding(cfg.vocab_size, C)
         self.pos_embed = (
-            nn.Embedding(cfg.max_positions, C, _weight=torch.empty(cfg.max_positions, C))
+            embedding(cfg.max_positions, C)
             if cfg.positions == "learned"
             else None
         )
