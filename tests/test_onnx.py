@@ -117,7 +117,7 @@ def test_export_layout_names_and_parity(exported):
         assert [dec["outputs"]["present_value_names"] % i for i in range(L)] == [f"present.{i}.value" for i in range(L)]
         assert (dec["num_key_value_heads"], dec["num_attention_heads"], dec["head_size"]) == (
             cfg["n_kv_head"], cfg["n_head"], cfg["head_dim"])
-        assert genai["model"]["type"] == {"gpt2": "gpt2", "gpt2-bare": "gpt2", "mistral-window": "mistral",
+        assert genai["model"]["type"] == {"gpt2": "decoder", "gpt2-bare": "decoder", "mistral-window": "mistral",
                                           "qwen2": "qwen2"}.get(name, "llama")
     else:  # the single-token recurrence
         assert desc["sequence_length"] == 1 and inputs["input_ids"]["shape"] == ["batch_size", 1]
@@ -462,3 +462,28 @@ def test_moe_layer_graph_matches_eager(export_op, normalize, tmp_path):
             expected = moe(xs).numpy()
         assert np.abs(session.run(None, {"x": xs.numpy()})[0] - expected).max() < 1e-5
     assert np.abs(session.run(None, {"x": x.numpy()})[0] - ref.numpy()).max() < 1e-5
+
+
+def test_onnxruntime_genai_runs_kv_exports(exported):
+    """onnxruntime-genai itself drives every export that has a genai_config.json (the
+    Transformers) from that config alone, and its greedy ids equal the PyTorch model's."""
+    og = pytest.importorskip("onnxruntime_genai")
+    name, path, _ = exported
+    out = path / "onnx"
+    if not (out / "genai_config.json").exists():
+        assert json.loads((out / "statecast.json").read_text())["family"] != "transformer"
+        return
+    model, um = load_model(path, dtype="float32")
+    prompt = _ids(um.config["vocab_size"], (1, 6), seed=2)[0].tolist()
+    genai_model = og.Model(str(out))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 12)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    ids = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        ids.append(int(generator.get_next_tokens()[0]))
+    ours = generate_ids(model, prompt, 12)
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert ids == ours[: len(ids)] and (len(ids) == 12 or ids[-1] == eos), name  # genai stops at eos

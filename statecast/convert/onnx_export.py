@@ -109,7 +109,9 @@ STATE_FIELDS: dict[str, StateField] = {
 # WKV and Mamba's segmented scan are Python loops over time that unroll when traced (the graph
 # would hold the example's T), so those graphs, and Jamba's, are the single-token recurrence.
 DYNAMIC_LENGTH_FAMILIES = ("transformer",)
-GENAI_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # HF model_type -> genai type
+# HF model_type -> onnxruntime-genai model type. genai's "gpt2" type wants its own older GPT-2
+# graph (attention_mask input, one combined past per layer); ours runs as its generic "decoder"
+GENAI_TYPES = {"gpt2": "decoder", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 # Parity thresholds by export dtype, against the float32 PyTorch model: max_abs_diff and
 # kl_mean are upper bounds, top1_agreement a lower bound; None = recorded, not judged.
