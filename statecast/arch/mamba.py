@@ -166,12 +166,23 @@ def ssm_step(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor
 
     x, dt: [B, E]; A: [E, N]; Bm, Cm: [B, N]; h: [B, E, N] -> y [B, E], new h [B, E, N].
     Runs in the dtype of its inputs (tests use float64 as ground truth).
+
+    The operands are reshaped, not indexed, into broadcasting shapes (``-1`` for B): in an
+    exported one-token graph that is one Reshape each instead of a Gather and an Unsqueeze.
     """
-    dA = torch.exp(dt[..., None] * A)  # [B, E, N] discretised A (ZOH)
-    dBx = (dt * x)[..., None] * Bm[:, None, :]  # [B, E, N] discretised B times x (Euler)
+    y, h = _ssm_step_columns(x, dt, A, Bm, Cm, h)
+    return y.reshape(-1, A.shape[0]), h
+
+
+def _ssm_step_columns(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
+    """``ssm_step`` for x, dt, Bm, Cm of any shape holding [B, E] / [B, N] (e.g. [B, 1, E])
+    -> y [B, E, 1] (a column per row: the mixer reshapes it once more), new h [B, E, N]."""
+    E, N = A.shape
+    dt, x = dt.reshape(-1, E, 1), x.reshape(-1, E, 1)  # [B, E, 1]
+    dA = torch.exp(dt * A)  # [B, E, N] discretised A (ZOH)
+    dBx = (dt * x) * Bm.reshape(-1, 1, N)  # [B, E, N] discretised B times x (Euler)
     h = torch.addcmul(dBx, h, dA)  # h * dA + dBx
-    y = torch.matmul(h, Cm[..., None])[..., 0]  # [B, E]
-    return y, h
+    return torch.matmul(h, Cm.reshape(-1, N, 1)), h  # [B, E, 1]
 
 
 def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
@@ -709,10 +720,9 @@ class MambaMixer(nn.Module):
 
         # 3. selective SSM, D skip, silu(z) gate (float32)
         xf = xa.float()
-        if T == 1:
-            y, ssm = ssm_step(xf[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], ssm.float())
-            y = (y + xf[:, 0] * self.D.float()) * F.silu(z[:, 0].float())
-            y = y[:, None]  # [B, 1, E]
+        if T == 1:  # [B, 1, X] operands reshaped, not indexed (see ssm_step)
+            y, ssm = _ssm_step_columns(xf, dt, A, Bm, Cm, ssm.float())
+            y = (y.reshape(-1, 1, E) + xf * self.D.float()) * F.silu(z.float())  # [B, 1, E]
         elif compiled:
             y, ssm = selective_scan_compiled(xf, dt, A, Bm, Cm, ssm, self.D, z, out=dt)  # gated inside, over dt
         else:
@@ -722,7 +732,8 @@ class MambaMixer(nn.Module):
             gate = F.silu(z.float()) if needs_grad or z.dtype != torch.float32 else F.silu(z, inplace=True)
             y = y.addcmul_(xf, self.D.float()).mul_(gate)
         out = self.out_proj(y.to(dtype))  # [B, T, C]
-        return out, new_conv.to(conv.dtype), ssm
+        # (a cast only when needed: the tracer records even a same-dtype .to() as a Cast node)
+        return out, new_conv if new_conv.dtype == conv.dtype else new_conv.to(conv.dtype), ssm
 
     @staticmethod
     def _conv_silu(xi: Tensor, prev: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
