@@ -77,9 +77,9 @@ def _expand_one(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> tuple[l
         helper.make_node("ConstantOfShape", [n("shape_NC")], [n("zeros_NC")], value=zero, name=n("ConstantOfShape_3")),
     ]
     outs = []
+    base = gate_name.rsplit(".", 1)[0]  # the layer's tensor names, e.g. model.layers.1.moe
     for e in range(X):
         q = lambda s, e=e: n(f"experts.{e}/{s}")  # noqa: E731
-        base = gate_name.rsplit(".", 1)[0]  # model.layers.1.moe
         for mat, name in ((gate[e].T, "gate"), (up[e].T, "up"), (down[e].T, "down")):  # [C, F], [C, F], [F, C]
             inits.append(numpy_helper.from_array(np.ascontiguousarray(mat), f"{base}.experts.{e}.{name}"))
         inits.append(numpy_helper.from_array(np.array([e], np.int64), q("index")))
