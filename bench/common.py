@@ -254,11 +254,6 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
 }
 
 
-# Parameters whose init carries meaning (Mamba's S4D A_log, D and dt bias): left as initialised
-# when trained-like magnitudes are asked for.
-KEEP_INIT = ("A_log", "D", "dt_proj.bias")
-
-
 def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **overrides):
     """A random statecast model of a benchmark shape and transformers' class holding the
     same weights (statecast's init, copied through the converter's Hub name table). Both eval, fp32.
@@ -281,9 +276,9 @@ def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **override
     ours = model_cls(cfg)
     ours.reset_parameters(generator=torch.Generator().manual_seed(seed))
     if trained_like:
-        from statecast.convert.demo import spread_weights
+        from statecast.convert.demo import MAMBA_INIT, spread_weights
 
-        spread_weights(ours, seed, keep=KEEP_INIT)
+        spread_weights(ours, seed, keep=MAMBA_INIT)
     hf_cfg = AutoConfig.for_model(**{**arch.hf_config(cfg.to_unified(), None), **dict(arch.reference_kwargs)})
     try:  # skip transformers' random init (e.g. an orthogonal [V, C] head takes seconds)
         from transformers.initialization import no_init_weights

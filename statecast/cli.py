@@ -50,6 +50,11 @@ def dtype_option(help_text: str):
     return click.option("--dtype", type=dtype_choice, default=None, help=help_text)
 
 
+def provider_option(help_text: str):
+    """onnxruntime's execution provider; None when not given (the command says where it applies)."""
+    return click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None, help=help_text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="statecast")
 def main() -> None:
@@ -99,8 +104,7 @@ def verify(path, device, dtype, reference, kernels, as_json):
 @click.argument("path")
 @click.option("--format", "fmt", required=True, help="Target format: hf (Hugging Face, exact round trip) or onnx.")
 @click.option("--dtype", default=None, help="ONNX only: fp32 (default), fp16 or int8 (dynamic quantization).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="ONNX only: onnxruntime provider of the parity check (default cpu).")
+@provider_option("ONNX only: onnxruntime provider of the parity check (default cpu).")
 @click.option("--moe-op", default=None,
               help="ONNX only, mixture-of-experts models: standard (default: ONNX ops any runtime runs) or "
                    "com.microsoft (onnxruntime's contrib MoE op: reads only the chosen experts, slower on CPU).")
@@ -142,8 +146,7 @@ def export(path, fmt, dtype, provider, moe_op, out, force, as_json):
 @kernels_option
 @click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="onnx: run PATH's ONNX export (PATH/onnx, or an export directory) with onnxruntime, without torch.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="--runtime onnx: onnxruntime provider (default cpu; cuda needs onnxruntime-gpu).")
+@provider_option("--runtime onnx: onnxruntime provider (default cpu; cuda needs onnxruntime-gpu).")
 @json_option
 @handle_errors
 def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, dtype, device, kernels,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from statecast.convert.demo import (
+    MAMBA_INIT,
     build_hf_checkpoint,
     build_hf_jamba,
     build_hf_mamba,
@@ -71,7 +72,7 @@ def native_mamba(out: Path, seed: int = 4, vocab: int = 300, pad_multiple: int =
     torch.manual_seed(seed)
     padded = math.ceil(vocab / pad_multiple) * pad_multiple
     model = MambaForCausalLM(MambaConfig(vocab_size=padded, hidden_size=32, num_hidden_layers=3, state_size=16))
-    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    spread_weights(model, seed, keep=MAMBA_INIT)
     sd = {_STATE_SPACES_NAMES.get(k, k): v for k, v in model.state_dict().items()}
     sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # mamba_ssm ties, and torch.save keeps both names
     out.mkdir(parents=True, exist_ok=True)

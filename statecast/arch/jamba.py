@@ -26,6 +26,7 @@ Dimension letters used in shape comments:
     La attention layers,  Lm Mamba layers
     Hkv  key/value heads, D head_dim, P past length (positions in the KV state)
     E  d_inner (Mamba), N d_state, W d_conv
+    F  d_ffn, X experts (k chosen per token)
 """
 
 from __future__ import annotations
@@ -250,7 +251,6 @@ class Jamba(CausalLM):
         if output_hidden:
             return logits, state, hidden
         return logits, state
-
 
 
 def _grown(empty_stack: Tensor, T: int) -> Tensor:

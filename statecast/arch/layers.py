@@ -5,7 +5,7 @@ Dimension letters used in the shape comments (each model file repeats the ones i
     B  batch
     T  time (sequence length)
     C  d_model (residual stream width)
-    X  any trailing feature width (a norm's normalised dimension)
+    Z  any trailing feature width (a norm's normalised dimension)
     F  d_ffn (MLP hidden width, "intermediate_size")
     X  experts of a mixture-of-experts layer; k of them chosen per token
     N  tokens, B * T, of a layer that treats them independently
@@ -46,6 +46,7 @@ def config_from_unified(cls, cfg: dict, kind: str | None):
     if kind is not None and kinds is not None and list(kinds) != [kind] * out.n_layer:
         raise ValueError(f"{cls.__name__}: layer_kinds must be [{kind!r}] * {out.n_layer}, got {kinds!r}")
     return out
+
 
 def every_layer(fields: tuple[str, ...], n_layer: int) -> dict[str, tuple[int, ...]]:
     """``state_layers()`` of a model whose every layer carries every state field: the model
@@ -101,7 +102,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     ``JambaRMSNorm`` are the same function). ``weight=None`` is Falcon Mamba's
     ``rms_forward`` on dt/B/C, which has no learned scale.
 
-    x: [..., X]; weight: [X] or None -> [..., X] in x's dtype
+    x: [..., Z]; weight: [Z] or None -> [..., Z] in x's dtype
     """
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -720,7 +720,7 @@ class MambaMixer(nn.Module):
 
         # 3. selective SSM, D skip, silu(z) gate (float32)
         xf = xa.float()
-        if T == 1:  # [B, 1, X] operands reshaped, not indexed (see ssm_step)
+        if T == 1:  # [B, 1, E] / [B, 1, N] operands reshaped, not indexed (see ssm_step)
             y, ssm = _ssm_step_columns(xf, dt, A, Bm, Cm, ssm.float())
             y = (y.reshape(-1, 1, E) + xf * self.D.float()) * F.silu(z.float())  # [B, 1, E]
         elif compiled:

@@ -38,6 +38,11 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
+# Mamba parameters whose init carries meaning (S4D-real A_log, D = 1, the inverse-softplus dt
+# bias): left as initialised by spread_weights(keep=MAMBA_INIT)
+MAMBA_INIT = ("A_log", "D", "dt_proj.bias")
+
+
 @torch.no_grad()
 def spread_weights(model: torch.nn.Module, seed: int, keep: tuple[str, ...] = ()) -> None:
     """Give a freshly initialised model trained-like magnitudes.
@@ -96,7 +101,7 @@ def build_hf_mamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, 
     cfg = cfg_cls(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, state_size=state,
                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = model_cls(cfg)
-    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    spread_weights(model, seed, keep=MAMBA_INIT)
     return _save(model, tok, out, fmt, shard, dtype)
 
 
@@ -145,7 +150,7 @@ def build_hf_jamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, 
                       mamba_d_state=state, mamba_expand=2, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
                       pad_token_id=0, **extra)
     model = JambaForCausalLM(cfg)
-    spread_weights(model, seed, keep=("A_log", "D", "dt_proj.bias"))
+    spread_weights(model, seed, keep=MAMBA_INIT)
     return _save(model, tok, out, fmt, shard, dtype)
 
 

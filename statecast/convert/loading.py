@@ -9,6 +9,7 @@ import torch
 from ..checkpoints.layout import UnifiedModel, open_unified
 from ..checkpoints.readers import parse_dtype
 from ..errors import StatecastError
+from ..runtime.text import tokenizer_in
 from .families import FAMILIES
 
 
@@ -55,9 +56,4 @@ def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device
 
 def load_tokenizer(um: UnifiedModel):
     """A ``tokenizers.Tokenizer`` when the model has ``tokenizer.json``, else None."""
-    path = um.path / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
+    return tokenizer_in(um.path)

@@ -14,7 +14,7 @@ from ..errors import StatecastError
 from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
 
 MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-          "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")
+                 "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")
 
 
 def _rules(embedding: str) -> tuple[Rule, ...]:

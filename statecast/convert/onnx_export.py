@@ -317,6 +317,7 @@ def describe(model: nn.Module, um, slots: list[Slot], dtype: str, dynamic_length
         "eos_token_id": hf.get("eos_token_id"),
         "tokenizer": tokenizer,
         "genai_config": None,
+        "moe_op": next((m.export_op for m in model.modules() if isinstance(m, MoE)), None),  # None: no experts
         "parity": PARITY_FILE,
     }
 
@@ -477,9 +478,9 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
     reference, _ = load_model(um, dtype="float32")
     model = reference if TRACE_DTYPE[dtype] == "float32" else load_model(um, dtype=TRACE_DTYPE[dtype])[0]
     slots = state_slots(model)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    for m in moes:
-        m.export_op = moe_op
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.export_op = moe_op
     dynamic_length = um.family in DYNAMIC_LENGTH_FAMILIES
     with atomic_directory(out, force=force) as tmp:
         scratch = tmp / ".trace"
@@ -497,7 +498,6 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
         for name in tokenizer:
             shutil.copyfile(um.path / name, tmp / name)
         desc = describe(model, um, slots, dtype, dynamic_length, tmp, external, tokenizer)
-        desc["moe_op"] = moe_op if moes else None
         genai = genai_config(desc, um)
         if genai is not None:
             desc["genai_config"] = GENAI_FILE

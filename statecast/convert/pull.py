@@ -156,7 +156,6 @@ def summary(path: Path, meta: dict) -> dict:
     }
 
 
-
 def _main_dtype(plan: list[PlannedTensor]) -> str:
     """The dtype holding most parameters (a few tensors may be kept in float32)."""
     count: dict[torch.dtype, int] = {}

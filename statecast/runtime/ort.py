@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import StatecastError
-from .text import TextStream, prompt_ids_of, sample_next
+from .text import TextStream, prompt_ids_of, sample_next, tokenizer_in
 
 FORMAT = "statecast-onnx/1"
 DESCRIPTION = "statecast.json"
@@ -224,23 +224,13 @@ class OnnxModel:
         return new
 
 
-def load_tokenizer(directory: Path):
-    """A ``tokenizers.Tokenizer`` from the export's ``tokenizer.json``, or None."""
-    path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
              provider: str = "cpu", on_text: Callable[[str], None] | None = None) -> dict:
     """``convert generate PATH --runtime onnx``: as the torch ``generate``, through onnxruntime.
     Returns ``{"prompt_ids", "new_ids", "text"}``."""
     model = OnnxModel(path, provider=provider)
-    tok = load_tokenizer(model.path)
+    tok = tokenizer_in(model.path)
     ids = prompt_ids_of(tok, prompt, prompt_ids, model.vocab_size, model.path)
     stream = TextStream(tok, on_text)
     model.generate(ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, on_token=stream)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import StatecastError
+
+
+def tokenizer_in(directory: Path):
+    """A ``tokenizers.Tokenizer`` from ``directory/tokenizer.json`` (a model's or an export's), or None."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
