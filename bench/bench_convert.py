@@ -89,7 +89,7 @@ def build_source(src: Path, shape: dict) -> None:
     import torch
     from transformers import RwkvConfig, RwkvForCausalLM
 
-    from statecast.convert.demo import build_tokenizer
+    from statecast.families.builders import build_tokenizer
 
     torch.manual_seed(0)
     tmp = src.with_name(src.name + ".building")

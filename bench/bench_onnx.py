@@ -86,12 +86,12 @@ from common import (
 
 from statecast import __version__
 from statecast.checkpoints.layout import is_unified
-from statecast.convert import onnx_export
-from statecast.convert.families import FAMILIES
-from statecast.convert.onnx_export import export_onnx
 from statecast.convert.pull import pull
-from statecast.convert.tables import from_canonical_state
 from statecast.errors import ParityFailed
+from statecast.export import onnx as onnx_export
+from statecast.export.onnx import export_onnx
+from statecast.families import FAMILIES
+from statecast.families.tables import from_canonical_state
 from statecast.runtime.ort import OnnxModel
 
 MODELS = ("rwkv-169m", "mamba-130m", "llama-small", "jamba-small")

@@ -242,7 +242,7 @@ def main() -> None:
 
                 def ours(impl):
                     def f():
-                        model.set_scan_impl(impl)
+                        model.set_kernels(impl)
                         model(ids)
 
                     return f
@@ -251,7 +251,7 @@ def main() -> None:
                 if compiled:
                     fns["ours (compiled scan)"] = ours("compiled")
                 run["forward"] = time_interleaved(fns, repeats=repeats)
-                model.set_scan_impl("torch")
+                model.set_kernels("torch")
 
                 if hf is not None:
                     x = hf.backbone.embeddings(ids)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from common import SHAPES, base_args, emit, environment, print_table, set_threads, time_fn
 
-from statecast.convert.families import FAMILIES
+from statecast.families import FAMILIES
 
 MODELS = ("jamba-small", "llama-16l")
 

@@ -265,8 +265,8 @@ def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **override
     depend on the values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from statecast.convert.families import FAMILIES
-    from statecast.convert.tables import from_canonical_state
+    from statecast.families import FAMILIES
+    from statecast.families.tables import from_canonical_state
 
     family, dims, model_type = SHAPES[shape]
     fam = FAMILIES[family]
@@ -276,7 +276,7 @@ def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **override
     ours = model_cls(cfg)
     ours.reset_parameters(generator=torch.Generator().manual_seed(seed))
     if trained_like:
-        from statecast.convert.demo import MAMBA_INIT, spread_weights
+        from statecast.families.builders import MAMBA_INIT, spread_weights
 
         spread_weights(ours, seed, keep=MAMBA_INIT)
     hf_cfg = AutoConfig.for_model(**{**arch.hf_config(cfg.to_unified(), None), **dict(arch.reference_kwargs)})

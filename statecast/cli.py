@@ -40,10 +40,35 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 dtype_choice = click.Choice(["float32", "float16", "bfloat16"])
+
+
+class RegistryChoice(click.Choice):
+    """A choice among what the family registry lists, read when the option is first used
+    (importing the registry imports torch; ``convert --help`` should not)."""
+
+    def __init__(self, read):
+        self._read = read
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return self._read()
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns it
+        pass
+
+
+def _family_names() -> list[str]:
+    from .families import FAMILIES
+
+    return list(FAMILIES)
+
+
 kernels_option = click.option(
-    "--kernels", type=click.Choice(["torch", "compiled"]), default="torch", show_default=True,
-    help="Whole-sequence fast path: 'compiled' builds Mamba's C++ CPU scan (needs a C++ compiler); "
-         "'torch' is the pure-PyTorch path.")
+    "--kernels", default="torch", show_default=True,
+    help="Whole-sequence implementation: 'torch' is the pure-PyTorch path; 'compiled' builds the family's "
+         "C++ CPU kernel where it has one (Mamba's scan; needs a C++ compiler).")
 
 
 def dtype_option(help_text: str):
@@ -89,8 +114,8 @@ def pull(source, revision, out, dtype, force, quiet, as_json):
 def verify(path, device, dtype, reference, kernels, as_json):
     """Compare the converted model at PATH with the original implementation; write parity.json/.md."""
     from .checkpoints.store import resolve
-    from .convert.verify import render_markdown
-    from .convert.verify import verify as do_verify
+    from .parity.verify import render_markdown
+    from .parity.verify import verify as do_verify
 
     report = do_verify(resolve(path), device=device, dtype=dtype, reference=reference, kernels=kernels, raise_on_fail=False,
                        progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
@@ -116,7 +141,7 @@ def verify(path, device, dtype, reference, kernels, as_json):
 def export(path, fmt, dtype, provider, moe_op, out, force, as_json):
     """Write the unified model at PATH in another format (ONNX: checked in onnxruntime first)."""
     from .checkpoints.store import resolve
-    from .convert.export import export as do_export
+    from .export import export as do_export
 
     progress = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
     info = do_export(resolve(path), fmt, out, force=force, dtype=dtype, provider=provider, moe_op=moe_op,
@@ -191,7 +216,7 @@ def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_
 def inspect(path, as_json):
     """Describe a unified model or a source checkpoint at PATH."""
     from .checkpoints.store import resolve
-    from .convert.inspect import inspect_path, render
+    from .convert.describe import inspect_path, render
 
     info = inspect_path(resolve(path))
     _emit(info, as_json, lambda i: click.echo(render(i)))
@@ -217,15 +242,15 @@ def list_(as_json):
 
 
 @main.command()
-@click.option("--family", "families", multiple=True, type=click.Choice(["rwkv", "mamba", "transformer", "jamba"]),
+@click.option("--family", "families", multiple=True, type=RegistryChoice(_family_names),
               help="Which family to demonstrate (repeatable; default: all).")
 @handle_errors
 def demo(families):
     """Offline: build tiny seeded models with transformers, pull, verify, generate, export to ONNX,
     generate through onnxruntime, print the parity reports."""
-    from .convert.demo import DEMO_BUILDERS, run_demo
+    from .demo import run_demo
 
-    results = run_demo(families or tuple(DEMO_BUILDERS), say=click.echo)
+    results = run_demo(families, say=click.echo)
     failed = [f for f, r in results.items()
               if not r["parity"]["passed"] or r["onnx_generate"]["new_ids"] != r["generate"]["new_ids"]]
     if failed:

@@ -16,21 +16,17 @@ from pathlib import Path
 
 import torch
 
-from statecast.convert.demo import (
-    MAMBA_INIT,
-    build_hf_checkpoint,
-    build_hf_jamba,
-    build_hf_mamba,
-    build_hf_transformer,
-    build_tokenizer,
-    spread_weights,
-)
+from statecast.families.builders import MAMBA_INIT, build_tokenizer, spread_weights
+from statecast.families.jamba import build_hf_jamba
+from statecast.families.mamba import build_hf_mamba
+from statecast.families.rwkv import build_hf_rwkv
+from statecast.families.transformer import build_hf_transformer
 
 TINY = dict(hidden=32, layers=3, vocab=300)
 
 
 def hf_rwkv(out: Path, fmt: str = "safetensors", seed: int = 0, shard: str | None = None, **dims) -> Path:
-    return build_hf_checkpoint(out, seed=seed, fmt=fmt, shard=shard, **{**TINY, **dims})
+    return build_hf_rwkv(out, seed=seed, fmt=fmt, shard=shard, **{**TINY, **dims})
 
 
 def hf_mamba(out: Path, **kw) -> Path:

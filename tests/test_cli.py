@@ -105,8 +105,8 @@ def test_demo_one_family_and_unknown_family(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["demo", "--family", "transformer"])
     assert r.exit_code == 0, r.output
     assert "1/1 transformer" in r.output and r.output.count("# Parity report: PASS") == 1
-    from statecast.convert.demo import DEMO_BUILDERS
+    from statecast.families import FAMILIES
 
-    assert list(next(p for p in main.commands["demo"].params if p.name == "families").type.choices) == list(DEMO_BUILDERS)
+    assert list(next(p for p in main.commands["demo"].params if p.name == "families").type.choices) == list(FAMILIES)
     r = CliRunner().invoke(main, ["demo", "--family", "griffin"])
     assert r.exit_code == 2 and "Invalid value for '--family'" in r.output

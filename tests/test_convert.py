@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from statecast.checkpoints.layout import open_unified
-from statecast.convert.export import export_hf
 from statecast.convert.pull import pull
-from statecast.convert.rwkv import HF, NATIVE
+from statecast.export import export_hf
+from statecast.families.rwkv import HF, NATIVE
 
 CANONICAL_LAYER = {
     "mixer_norm.weight", "mixer_norm.bias", "mlp_norm.weight", "mlp_norm.bias",
@@ -103,8 +103,8 @@ def test_dtype_cast_keeps_wkv_parameters_in_float32(hf_dir, tmp_path):
 
 
 def test_sharded_output_is_readable(hf_dir, tmp_path):
-    from statecast.convert.families import detect
     from statecast.convert.pull import Source, convert_local
+    from statecast.families import detect
 
     det = detect(hf_dir)
     info = convert_local(det, Source(id=str(hf_dir), kind="local", path=hf_dir), tmp_path / "m", progress=False,
@@ -158,8 +158,8 @@ def test_native_exports_to_hf_that_transformers_runs(native_pth, tmp_path):
 def test_in_memory_state_dict_mapping(hf_dir, pulled_hf):
     from transformers import RwkvForCausalLM
 
-    from statecast.convert.tables import to_canonical_state
     from statecast.errors import StatecastError
+    from statecast.families.tables import to_canonical_state
 
     sd = RwkvForCausalLM.from_pretrained(hf_dir).state_dict()
     ours = to_canonical_state(HF, sd)

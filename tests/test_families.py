@@ -16,10 +16,10 @@ import torch
 
 from statecast.checkpoints.layout import open_unified
 from statecast.checkpoints.readers import open_tensors, weight_files
-from statecast.convert.export import export
 from statecast.convert.pull import pull
-from statecast.convert.verify import verify
 from statecast.errors import StatecastError
+from statecast.export import export
+from statecast.parity.verify import verify
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

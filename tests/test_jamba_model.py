@@ -146,7 +146,7 @@ def test_config_validation():
 
 
 def test_export_refuses_a_layout_jamba_cannot_express(tmp_path):
-    from statecast.convert.jamba import hf_config
+    from statecast.families.jamba import hf_config
 
     cfg = _cfg(layer_kinds=["attention", "attention", "mamba"]).to_unified()
     with pytest.raises(StatecastError, match="attention layout .* has no period/offset form"):
@@ -192,7 +192,7 @@ def test_experts_stream_one_stack_at_a_time(tmp_path, monkeypatch):
     """pull reads each per-expert source tensor exactly once, when its layer's stack is
     written; export reads each stack exactly once and writes its experts from it."""
     from statecast.checkpoints import readers
-    from statecast.convert.export import export
+    from statecast.export import export
 
     src = factories.hf_jamba(tmp_path / "src", seed=23, shard="40KB")
     reads: list[str] = []

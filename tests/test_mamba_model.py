@@ -15,7 +15,6 @@ from transformers import MambaConfig as HfMambaConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 
-import statecast.convert.families  # noqa: F401  (registers the formats; a format module imported first is circular)
 from statecast.arch.mamba import (
     SCAN_SEGMENT,
     Mamba,
@@ -27,8 +26,8 @@ from statecast.arch.mamba import (
     selective_scan_compiled,
     selective_scan_sequential,
 )
-from statecast.convert.mamba import FALCON_HF, HF
-from statecast.convert.tables import to_canonical_state
+from statecast.families.mamba import FALCON_HF, HF
+from statecast.families.tables import to_canonical_state
 
 K = SCAN_SEGMENT
 V = 97
@@ -446,19 +445,19 @@ def test_compiled_path_in_model(compiled):
     ids = torch.randint(0, V, (2, 2 * K + 3), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref, ref_state = model(ids)
-        model.set_scan_impl("compiled")
+        model.set_kernels("compiled")
         try:
             logits, state = model(ids)
             a, st = model(ids[:, :2])
             b, st = model(ids[:, 2:], st)
         finally:
-            model.set_scan_impl("torch")
+            model.set_kernels("torch")
     assert close(logits, ref) and close(state.ssm, ref_state.ssm) and close(state.conv, ref_state.conv)
     assert close(torch.cat([a, b], 1), ref) and close(st.ssm, ref_state.ssm)
-    model.set_scan_impl("compiled")
+    model.set_kernels("compiled")
     logits, _ = model(ids[:, :9])  # grad enabled, parameters require grad: the pure path
     logits.square().mean().backward()
     assert model.layers[0].mamba.A_log.grad is not None
-    model.set_scan_impl("torch")
+    model.set_kernels("torch")
     with pytest.raises(ValueError):
-        model.set_scan_impl("cuda")
+        model.set_kernels("cuda")

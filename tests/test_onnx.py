@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from test_families import SOURCES
 
 from statecast.cli import main
-from statecast.convert import onnx_export
 from statecast.convert.generate import generate_ids
 from statecast.convert.loading import load_model
 from statecast.convert.pull import pull
 from statecast.errors import StatecastError
+from statecast.export import onnx as onnx_export
 from statecast.runtime import OnnxModel
 
 # every source format of every family
@@ -306,7 +306,7 @@ def test_rwkv_fp16_keeps_the_wkv_in_float32(rwkv_model, tmp_path):
 def test_external_data(tmp_path):
     """Weights go to model.onnx.data past the threshold (2 GiB by default; lowered here), and
     the runtime loads them from there."""
-    from statecast.convert.onnx_export import export_onnx
+    from statecast.export.onnx import export_onnx
 
     path = Path(pull(str(factories.hf_mamba(tmp_path / "src", seed=12)), out=tmp_path / "m", progress=False)["path"])
     small = export_onnx(path, out=tmp_path / "inline")
@@ -435,7 +435,7 @@ def test_moe_layer_graph_matches_eager(export_op, normalize, tmp_path):
     """One MoE layer through torch.onnx.export (+ the If rewrite for standard ops) equals
     the eager grouped path for tokens with different routings, renormalised (Mixtral) or not (Jamba)."""
     from statecast.arch.layers import MoE
-    from statecast.convert.onnx_moe import expand_moe
+    from statecast.export.onnx_moe import expand_moe
 
     torch.manual_seed(0)
     moe = MoE(16, 24, n_experts=5, top_k=2, normalize=normalize).eval()

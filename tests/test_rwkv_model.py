@@ -19,8 +19,8 @@ from statecast.arch.rwkv import (
     wkv_chunked,
     wkv_sequential,
 )
-from statecast.convert.rwkv import HF
-from statecast.convert.tables import to_canonical_state
+from statecast.families.rwkv import HF
+from statecast.families.tables import to_canonical_state
 
 K = WKV_CHUNK
 V = 97

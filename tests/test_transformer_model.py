@@ -26,8 +26,8 @@ from transformers import (
 from statecast.arch import layers
 from statecast.arch.layers import Attention, Rope, apply_rope, attention_bias, repeat_kv, rope_inv_freq
 from statecast.arch.transformer import KVState, Transformer, TransformerConfig
-from statecast.convert.families import FAMILIES
-from statecast.convert.tables import to_canonical_state
+from statecast.families import FAMILIES
+from statecast.families.tables import to_canonical_state
 
 V = 97
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

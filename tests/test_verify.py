@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from statecast.convert.pull import pull
-from statecast.convert.verify import TOLERANCES, verify
 from statecast.errors import ParityFailed, StatecastError
+from statecast.parity.verify import TOLERANCES, verify
 
 REQUIRED = {"passed", "reference", "device", "dtype", "max_abs_diff", "mean_abs_diff", "nmse_db", "kl_mean", "kl_max",
             "top1_agreement", "greedy_agreement", "step_vs_parallel_max_abs_diff", "per_layer", "first_divergent_layer"}

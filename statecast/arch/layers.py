@@ -286,7 +286,7 @@ class MoE(nn.Module):
     The ONNX exporter's graph (traced by ``torch.onnx.export``) holds one node
     per MoE layer, chosen by ``export_op`` (the exporter's ``--moe-op``; the node's eager
     value is the gathered path's): ``"standard"`` a ``statecast.MoE`` placeholder that the
-    exporter rewrites into standard ONNX ops (``statecast.convert.onnx_moe``: one ``If``
+    exporter rewrites into standard ONNX ops (``statecast.export.onnx_moe``: one ``If``
     per expert, so a step reads only the chosen experts' matrices, in place);
     ``"com.microsoft"`` onnxruntime's contrib ``MoE`` op (contrib_defs.cc ``MoE``: softmax
     over the router logits, top-k, optional renormalisation, SwiGLU experts with gate and

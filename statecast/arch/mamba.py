@@ -56,7 +56,7 @@ Deviations from the references (numerical only; the same function is computed):
     the other statecast families.
 
 Optional compiled path (``scan_impl="compiled"``, set by the caller through
-``Mamba.set_scan_impl`` or ``MambaMixer.scan_impl``; never chosen implicitly): two small
+``Mamba.set_kernels`` or ``MambaMixer.scan_impl``; never chosen implicitly): two small
 C++ CPU kernels built on first use with ``torch.utils.cpp_extension.load_inline``: the
 selective scan fused with the D skip and the silu gate (one loop over T per block of 16
 channels, vectorised over channels, polynomial exp2), and the causal conv fused with its
@@ -274,7 +274,7 @@ def _selective_scan_autograd(x: Tensor, dt: Tensor, a2: Tensor, Bm: Tensor, Cm: 
 #
 # The same scan as one fused C++ loop (torch.utils.cpp_extension.load_inline, built on
 # first use with the local compiler). Optional: selected only by an explicit
-# ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_scan_impl); the pure path
+# ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_kernels); the pure path
 # above stays the default and the one ONNX export traces.
 
 _SCAN_CPP = r"""
@@ -799,7 +799,7 @@ class Mamba(CausalLM):
             self.lm_head.weight.normal_(0.0, 0.1, generator=generator)
         self.final_norm.reset_parameters()
 
-    def set_scan_impl(self, impl: str) -> None:
+    def set_kernels(self, impl: str) -> None:
         """Choose the whole-sequence scan of every mixer: "torch" (default) or "compiled"
         (builds the C++ kernel now; RuntimeError if it cannot)."""
         if impl not in SCAN_IMPLS:

@@ -9,8 +9,8 @@ import torch
 from ..checkpoints.layout import UnifiedModel, open_unified
 from ..checkpoints.readers import parse_dtype
 from ..errors import StatecastError
+from ..families import FAMILIES
 from ..runtime.text import tokenizer_in
-from .families import FAMILIES
 
 
 def resolve_device(device: str) -> torch.device:
@@ -23,32 +23,31 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-KERNELS = ("torch", "compiled")
-
-
 def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device: str = "cpu", kernels: str = "torch"):
     """(model in eval mode, UnifiedModel). ``dtype`` casts floating weights except float32-kept ones.
 
-    ``kernels="compiled"`` selects the family's compiled whole-sequence path (Mamba's C++
-    CPU scan); an error where the family has none or it cannot be built here.
+    ``kernels`` other than "torch" selects one of the family's compiled whole-sequence paths
+    (``Family.kernels``; Mamba's C++ CPU scan): an error where the family has none or it
+    cannot be built here.
     """
     um = path if isinstance(path, UnifiedModel) else open_unified(path)
     fam = FAMILIES[um.family]
     dev = resolve_device(device)
+    if kernels not in fam.kernels:
+        known = sorted({k for f in FAMILIES.values() for k in f.kernels})
+        if kernels not in known:
+            raise StatecastError(f"unknown kernels {kernels!r}; choose {', '.join(known)}")
+        raise StatecastError(f"--kernels {kernels}: the {um.family} family has no {kernels} kernels")
     model = fam.build(um.config, "meta")
     state = um.state_dict()
     if dtype is not None:
         target = parse_dtype(dtype)
-        state = {k: (v.to(target) if v.is_floating_point() and not fam.keeps_fp32(k) else v) for k, v in state.items()}
+        state = {k: v.to(fam.storage_dtype(k, v.dtype, target)) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(dev).eval()
-    if kernels not in KERNELS:
-        raise StatecastError(f"unknown kernels {kernels!r}; choose {', '.join(KERNELS)}")
-    if kernels == "compiled":
-        if not hasattr(model, "set_scan_impl"):
-            raise StatecastError(f"--kernels compiled: the {um.family} family has no compiled kernels")
+    if kernels != fam.kernels[0]:
         try:
-            model.set_scan_impl("compiled")
+            model.set_kernels(kernels)
         except RuntimeError as e:
             raise StatecastError(str(e).splitlines()[0]) from None
     return model, um

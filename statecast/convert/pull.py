@@ -22,8 +22,8 @@ from ..checkpoints import hub, store
 from ..checkpoints.layout import FORMAT, META_FILE, PlannedTensor, atomic_directory, sha256_file, write_json_atomic, write_weights
 from ..checkpoints.readers import dtype_name, open_tensors, parse_dtype
 from ..errors import StatecastError
-from .families import Detected, detect, unified_config
-from .tables import TRANSFORMS, Mapping, map_keys
+from ..families import Detected, detect, unified_config
+from ..families.tables import TRANSFORMS, Mapping, map_keys
 
 
 @dataclass
@@ -63,9 +63,7 @@ def plan_tensors(det: Detected, src_tensors, ucfg: dict, dtype: torch.dtype | No
     mapping = map_keys(det.fmt, shapes, det.family.expected_shapes(ucfg), str(det.root))
     plan = []
     for name, (target, shape) in mapping.entries.items():
-        out_dtype = src_tensors.dtype(_first_source(target))
-        if dtype is not None and out_dtype.is_floating_point:
-            out_dtype = torch.float32 if det.family.keeps_fp32(name) else dtype
+        out_dtype = det.family.storage_dtype(name, src_tensors.dtype(_first_source(target)), dtype)
 
         def produce(target=target, out_dtype=out_dtype):
             transform = TRANSFORMS[target.transform]

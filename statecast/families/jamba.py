@@ -14,11 +14,15 @@ rule cannot express is still a valid model (it is refused only when written back
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
+
+import torch
 
 from ..errors import StatecastError
-from .mamba import MIXER_TENSORS
-from .tables import Family, HfArch, Rule, SourceFormat
+from .builders import MAMBA_INIT, build_tokenizer, save_checkpoint, spread_weights
+from .mamba import MIXER_TENSORS, dt_rank_of
+from .record import KV_STATE, MAMBA_STATE, Demo, Family, HfArch
+from .tables import Rule, SourceFormat
 
 _BCDT_NORMS = (("dt_layernorm", "dt_norm"), ("b_layernorm", "b_norm"), ("c_layernorm", "c_norm"))
 _PROJ = ("gate", "up", "down")
@@ -42,7 +46,7 @@ def _rules() -> tuple[Rule, ...]:
     )
 
 
-HF = SourceFormat("jamba-hf", "jamba", _rules(), optional=("lm_head.weight",))
+HF = SourceFormat("jamba-hf", _rules(), optional=("lm_head.weight",))
 
 
 def _every(n: int, period: int, offset: int, yes: str, no: str) -> list[str]:
@@ -53,7 +57,6 @@ def config_from_hf(cfg: dict) -> dict:
     d, n = cfg["hidden_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     experts = cfg.get("num_experts", 16)
-    rank = cfg.get("mamba_dt_rank", "auto")
     for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):
         if cfg.get(offset, 0) >= cfg.get(period, 1):
             raise ValueError(f"{offset} ({cfg[offset]}) must be smaller than {period} ({cfg[period]})")
@@ -74,7 +77,7 @@ def config_from_hf(cfg: dict) -> dict:
         "d_inner": int(cfg.get("mamba_expand", 2) * d),
         "d_state": cfg.get("mamba_d_state", 16),
         "d_conv": cfg.get("mamba_d_conv", 4),
-        "dt_rank": math.ceil(d / 16) if rank == "auto" else int(rank),
+        "dt_rank": dt_rank_of(cfg.get("mamba_dt_rank"), d),
         "act": cfg.get("hidden_act", "silu"),
         "norm_eps": cfg.get("rms_norm_eps", 1e-6),
         "proj_bias": bool(cfg.get("mamba_proj_bias", False)),
@@ -130,4 +133,33 @@ def hf_config(ucfg: dict, base: dict | None = None) -> dict:
     return cfg
 
 
-FAMILY = Family(name="jamba", hf=(HfArch("jamba", "JambaForCausalLM", (HF,), config_from_hf, hf_config),))
+
+
+def build_hf_jamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, heads: int = 4,
+                   kv_heads: int = 2, experts: int = 4, top_k: int = 2, attn_period: int = 2, attn_offset: int = 1,
+                   expert_period: int = 2, expert_offset: int = 1, state: int = 8, fmt: str = "safetensors",
+                   tied: bool = False, shard: str | None = None, dtype: torch.dtype | None = None, **extra) -> Path:
+    """A seeded ``JambaForCausalLM`` in Hub format (one tensor per expert, as on the Hub) with
+    a tokenizer. ``extra`` goes to the config."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg = JambaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32,
+                      num_experts=experts, num_experts_per_tok=top_k, attn_layer_period=attn_period,
+                      attn_layer_offset=attn_offset, expert_layer_period=expert_period, expert_layer_offset=expert_offset,
+                      mamba_d_state=state, mamba_expand=2, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0, **extra)
+    model = JambaForCausalLM(cfg)
+    spread_weights(model, seed, keep=MAMBA_INIT)
+    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+
+
+FAMILY = Family(
+    name="jamba",
+    model=("jamba", "JambaConfig", "Jamba"),
+    hf=(HfArch("jamba", "JambaForCausalLM", (HF,), config_from_hf, hf_config),),
+    state={**KV_STATE, **MAMBA_STATE},
+    demo=Demo("demo-jamba", "Jamba: attention + Mamba layers, mixture of experts (JambaForCausalLM)", build_hf_jamba),
+)

@@ -2,7 +2,7 @@
 
 The HF table of the source's architecture read backwards: canonical name -> HF key, with each
 transform's inverse. Tensor bytes are unchanged, so HF -> unified -> HF
-round-trips exactly. (ONNX export is a separate module.)
+round-trips exactly.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import shutil
 from pathlib import Path
 
 from ..checkpoints.layout import PlannedTensor, atomic_directory, open_unified, write_weights
-from ..errors import StatecastError
-from .families import format_by_name
-from .tables import TRANSFORMS, group_by_source, unstack
-
-EXPORT_FORMATS = ("hf", "onnx")
+from ..families import format_by_name
+from ..families.tables import TRANSFORMS, group_by_source, unstack
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> dict:
@@ -72,25 +69,3 @@ def _meta_like(tensors, name):
     import torch
 
     return torch.empty(tensors.shape(name), dtype=tensors.dtype(name), device="meta")
-
-
-def export(model_path: str | Path, fmt: str, out: str | Path | None, force: bool = False, *, dtype: str | None = None,
-           provider: str | None = None, moe_op: str | None = None, progress=None) -> dict:
-    """``convert export``: ``hf`` (exact round trip, default out PATH/hf) or ``onnx``
-    (:func:`statecast.convert.onnx_export.export_onnx`; ``dtype`` fp32|fp16|int8, ``provider``
-    of its parity check, ``moe_op`` how a mixture of experts is written; default out PATH/onnx,
-    PATH/onnx-fp16, PATH/onnx-int8)."""
-    if fmt not in EXPORT_FORMATS:
-        raise StatecastError(f"unknown export format {fmt!r}; supported: {', '.join(EXPORT_FORMATS)}")
-    if fmt == "onnx":
-        from .onnx_export import export_onnx
-
-        return export_onnx(model_path, dtype=dtype or "fp32", out=out, force=force, provider=provider or "cpu",
-                           progress=progress, moe_op=moe_op or "standard")
-    given = [f"--{name.replace('_', '-')}" for name, value in (("dtype", dtype), ("provider", provider), ("moe_op", moe_op))
-             if value is not None]
-    if given:
-        raise StatecastError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --format onnx only")
-    if out is None:
-        out = Path(model_path) / fmt
-    return export_hf(model_path, out, force=force)

@@ -9,9 +9,15 @@ is not bit-exact, and the round trip to Hub format must be).
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import torch
 
 from ..errors import StatecastError
-from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
+from .builders import MAMBA_INIT, build_tokenizer, save_checkpoint, spread_weights
+from .record import MAMBA_STATE, Demo, Family, HfArch, NativeFormat
+from .references import HfReference
+from .tables import Rule, SourceFormat
 
 MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
                  "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")
@@ -28,12 +34,13 @@ def _rules(embedding: str) -> tuple[Rule, ...]:
     )
 
 
-HF = SourceFormat("mamba-hf", "mamba", _rules("embeddings"), optional=("lm_head.weight",))
-FALCON_HF = SourceFormat("falcon-mamba-hf", "mamba", _rules("embeddings"), optional=("lm_head.weight",))
-NATIVE = SourceFormat("mamba-native", "mamba", _rules("embedding"), optional=("lm_head.weight",))
+HF = SourceFormat("mamba-hf", _rules("embeddings"), optional=("lm_head.weight",))
+FALCON_HF = SourceFormat("falcon-mamba-hf", _rules("embeddings"), optional=("lm_head.weight",))
+NATIVE = SourceFormat("mamba-native", _rules("embedding"), optional=("lm_head.weight",))
 
 
-def _dt_rank(rank, d_model: int) -> int:
+def dt_rank_of(rank, d_model: int) -> int:
+    """``time_step_rank`` / ``mamba_dt_rank``: a number, or "auto" (or None) for ceil(d_model / 16)."""
     return math.ceil(d_model / 16) if rank in (None, "auto") else int(rank)
 
 
@@ -48,7 +55,7 @@ def config_from_hf(cfg: dict) -> dict:
         "d_inner": cfg.get("intermediate_size") or int(cfg.get("expand", 2) * d),
         "d_state": cfg.get("state_size", 16),
         "d_conv": cfg.get("conv_kernel", 4),
-        "dt_rank": _dt_rank(cfg.get("time_step_rank"), d),
+        "dt_rank": dt_rank_of(cfg.get("time_step_rank"), d),
         "norm_eps": cfg.get("layer_norm_epsilon", 1e-5),
         "proj_bias": bool(cfg.get("use_bias", False)),
         "conv_bias": bool(cfg.get("use_conv_bias", True)),
@@ -97,8 +104,32 @@ def mamba_only_hf_config(ucfg: dict, base: dict | None = None) -> dict:
     return hf_config(ucfg, base)
 
 
-def is_native(keys: list[str]) -> bool:
+def _looks_native(keys: list[str]) -> bool:
+    """state-spaces names: ``backbone.embedding`` and mixers with ``A_log`` (Mamba-1 and Mamba-2 alike)."""
     return "backbone.embedding.weight" in keys and any(k.startswith("backbone.layers.") and ".mixer.A_log" in k for k in keys)
+
+
+def _unsupported_variant(keys: list[str], cfg: dict | None) -> str | None:
+    """Why a state-spaces checkpoint is not the Mamba-1 model this family reads, or None."""
+    cfg = cfg or {}
+    ssm = cfg.get("ssm_cfg") or {}
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        return f"ssm_cfg.layer {ssm['layer']!r} is not supported (Mamba-1 only)"
+    if cfg.get("attn_layer_idx"):
+        return "hybrid state-spaces checkpoints (attn_layer_idx) are not supported"
+    if not cfg.get("rms_norm", True):
+        return "rms_norm=false (LayerNorm) state-spaces checkpoints are not supported"
+    if not any(k.endswith(".mixer.x_proj.weight") for k in keys):
+        return "a state-spaces checkpoint without mixer.x_proj (not Mamba-1) is not supported"
+    return None
+
+
+def is_native(keys: list[str], cfg: dict | None = None) -> bool:
+    return _looks_native(keys) and _unsupported_variant(keys, cfg) is None
+
+
+def native_near_miss(keys: list[str], cfg: dict | None = None) -> str | None:
+    return _unsupported_variant(keys, cfg) if _looks_native(keys) else None
 
 
 def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None) -> dict:
@@ -107,14 +138,7 @@ def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None) -> 
     The shapes are authoritative for every dimension (``pad_vocab_size_multiple`` has
     already padded the embedding); the config says what the shapes cannot.
     """
-    cfg = cfg or {}
-    ssm = cfg.get("ssm_cfg") or {}
-    if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise ValueError(f"ssm_cfg.layer {ssm['layer']!r} is not supported (Mamba-1 only)")
-    if cfg.get("attn_layer_idx"):
-        raise ValueError("hybrid state-spaces checkpoints (attn_layer_idx) are not supported")
-    if not cfg.get("rms_norm", True):
-        raise ValueError("rms_norm=false (LayerNorm) state-spaces checkpoints are not supported")
+    cfg = cfg or {}  # its variant was checked by detection (native_near_miss)
     n_layer = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("backbone.layers."))
     vocab, d = shapes["backbone.embedding.weight"]
     for key, value in (("d_model", d), ("n_layer", n_layer)):
@@ -137,11 +161,75 @@ def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None) -> 
     }
 
 
+class NativeMambaReference(HfReference):
+    """transformers' ``MambaForCausalLM`` holding the state-spaces tensors unchanged.
+
+    ``mamba_ssm`` (the native implementation) does not import without CUDA, so the
+    reference is transformers' class, which computes the same function. The native
+    names equal transformers' except the embedding (:data:`NATIVE_MAMBA_RENAMES`); the
+    tensors are loaded by name with ``strict=True`` and no numeric change (a tied head is
+    the embedding tensor itself).
+    """
+
+    def _load(self, cls, path: Path, arch, ucfg: dict):
+        from transformers import AutoConfig
+
+        from ..checkpoints.readers import open_tensors, weight_files
+
+        config = AutoConfig.for_model(**arch.hf_config(ucfg, None))  # the dimensions read at conversion
+        with torch.device("meta"):
+            model = cls(config)
+        with open_tensors(weight_files(path)) as src:
+            state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).to(self.dtype) for k in src.keys()}
+        if config.tie_word_embeddings:  # the head IS the embedding, whatever copy the file holds
+            state["lm_head.weight"] = state["backbone.embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        self.weights = (f"state-spaces tensors from {path} loaded into {arch.architecture} by name; renamed "
+                        + ", ".join(f"{a} -> {b}" for a, b in NATIVE_MAMBA_RENAMES.items())
+                        + f"; {str(self.dtype).removeprefix('torch.')}")
+        return model
+
+
+NATIVE_MAMBA_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+
+
+def native_reference(path: Path, device: torch.device, family: Family, ucfg: dict, dtype: torch.dtype) -> HfReference:
+    """verify's reference for a state-spaces checkpoint (see :class:`NativeMambaReference`)."""
+    return NativeMambaReference(path, device, family.arch(family.native.export_as), ucfg, dtype)
+
+
+def build_hf_mamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, state: int = 8,
+                   fmt: str = "safetensors", tied: bool = True, falcon: bool = False, shard: str | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """A seeded ``MambaForCausalLM`` (or ``FalconMambaForCausalLM``) in Hub format with a tokenizer."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg_cls, model_cls = (FalconMambaConfig, FalconMambaForCausalLM) if falcon else (MambaConfig, MambaForCausalLM)
+    cfg = cfg_cls(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, state_size=state,
+                  tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = model_cls(cfg)
+    spread_weights(model, seed, keep=MAMBA_INIT)
+    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+
+
+
+
 FAMILY = Family(
     name="mamba",
+    model=("mamba", "MambaConfig", "Mamba"),
     hf=(
         HfArch("mamba", "MambaForCausalLM", (HF,), config_from_hf, mamba_only_hf_config),
         HfArch("falcon_mamba", "FalconMambaForCausalLM", (FALCON_HF,), falcon_config_from_hf, falcon_hf_config),
     ),
-    native=NativeFormat(NATIVE, match=is_native, config=config_from_native, export_as="mamba"),
+    native=NativeFormat(NATIVE, match=is_native, config=config_from_native, reference=native_reference,
+                        near_miss=native_near_miss, export_as="mamba"),
+    state=MAMBA_STATE,
+    demo=Demo("demo-mamba", "Mamba (MambaForCausalLM)", build_hf_mamba),
+    kernels=("torch", "compiled"),
 )

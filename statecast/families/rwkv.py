@@ -7,8 +7,19 @@ numeric transform is squeezing the ``[1, 1, C]`` time-mix coefficients to ``[C]`
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
 from ..errors import StatecastError
-from .tables import Family, HfArch, NativeFormat, Rule, SourceFormat
+from .builders import build_tokenizer, save_checkpoint
+from .record import Demo, Family, HfArch, NativeFormat, StateField
+from .references import Reference
+from .tables import Rule, SourceFormat
 
 
 def _norm(src: str, dst: str) -> list[Rule]:
@@ -44,7 +55,6 @@ def _rules(*, emb: str, ln0: str, block: str, ln1: str, ln2: str, att: str, ffn:
 
 HF = SourceFormat(
     name="rwkv-hf",
-    family="rwkv",
     rules=_rules(
         emb="rwkv.embeddings.weight", ln0="rwkv.blocks.0.pre_ln", block="rwkv.blocks", ln1="ln1", ln2="ln2",
         att="attention", ffn="feed_forward",
@@ -55,7 +65,6 @@ HF = SourceFormat(
 
 NATIVE = SourceFormat(
     name="rwkv-native",
-    family="rwkv",
     rules=_rules(
         emb="emb.weight", ln0="blocks.0.ln0", block="blocks", ln1="ln1", ln2="ln2", att="att", ffn="ffn",
         mix={"k": "time_mix_k", "v": "time_mix_v", "r": "time_mix_r"},
@@ -69,15 +78,30 @@ NATIVE = SourceFormat(
 _LATER_VERSIONS = {"ln_x": "RWKV-5", "gate": "RWKV-5.x", "time_maa": "RWKV-6", "time_faaaa": "RWKV-6", "x_r": "RWKV-7"}
 
 
-def is_native(keys: list[str]) -> bool:
+def _looks_native(keys: list[str]) -> bool:
     return "emb.weight" in keys and any(k.startswith("blocks.") and ".att." in k for k in keys)
 
 
-def check_native_version(keys: list[str], where: str) -> None:
+def _later_version(keys: list[str]) -> tuple[str, str] | None:
+    """(version, the key that shows it) for a native checkpoint of a later RWKV generation."""
     for k in keys:
         for marker, version in _LATER_VERSIONS.items():
             if any(seg.startswith(marker) for seg in k.split(".")):
-                raise StatecastError(f"{where}: {version} native checkpoints are not supported (found {k}); RWKV-4 only")
+                return version, k
+    return None
+
+
+def is_native(keys: list[str], cfg: dict | None = None) -> bool:
+    """BlinkDL's RWKV-4 ``.pth``: its tensor names, and none of a later generation's."""
+    return _looks_native(keys) and _later_version(keys) is None
+
+
+def native_near_miss(keys: list[str], cfg: dict | None = None) -> str | None:
+    later = _later_version(keys) if _looks_native(keys) else None
+    if later is None:
+        return None
+    version, key = later
+    return f"{version} native checkpoints are not supported (found {key}); RWKV-4 only"
 
 
 def config_from_hf(cfg: dict) -> dict:
@@ -132,9 +156,91 @@ def hf_config(ucfg: dict, base: dict | None = None) -> dict:
 KEEP_FP32 = ("time_mix.decay", "time_mix.bonus")
 
 
+class RwkvPackageReference(Reference):
+    """BlinkDL's ``rwkv`` package (``rwkv.model.RWKV``), strategy ``<device> fp32``, one sequence at a time.
+
+    The package exposes no per-layer states, so per-layer comparison truncates its
+    layer loop and reads the residual stream through its own final LayerNorm with
+    unit weight and zero bias (``hidden_view = "layer_norm"``).
+    """
+
+    hidden_view = "layer_norm"
+    dtype = torch.float32  # the package's CPU strategies compute in float32 (or int8 weights)
+
+    def __init__(self, path: Path, device: torch.device, family=None, ucfg=None, dtype=None):
+        try:
+            self.version = metadata.version("rwkv")
+        except metadata.PackageNotFoundError:
+            raise StatecastError("verifying a native RWKV .pth needs BlinkDL's rwkv package: pip install 'statecast[rwkv]'") from None
+        # The package reads these at import time; they select its pure-PyTorch path.
+        os.environ.setdefault("RWKV_JIT_ON", "0")
+        os.environ["RWKV_CUDA_ON"] = "0"
+        with contextlib.redirect_stdout(io.StringIO()):
+            from rwkv.model import RWKV
+
+            self.model = RWKV(model=str(path), strategy=f"{device.type} fp32", verbose=False)
+        self.implementation = "rwkv.model.RWKV"
+        self.weights = f"RWKV(model={str(path)!r}, strategy='{device.type} fp32')"
+
+    def _run(self, tokens: list[int], state=None):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.model.forward(tokens, state, full_output=True)
+
+    def logits(self, ids):
+        return torch.stack([self._run(seq.tolist())[0].reshape(ids.shape[1], -1).float().cpu() for seq in ids])
+
+    def hidden(self, ids):
+        m, w = self.model, self.model.w
+        n_layer, saved = m.args.n_layer, {k: w[k] for k in ("ln_out.weight", "ln_out.bias", "head.weight")}
+        c = m.args.n_embd
+        try:
+            w["ln_out.weight"] = torch.ones_like(saved["ln_out.weight"])
+            w["ln_out.bias"] = torch.zeros_like(saved["ln_out.bias"])
+            w["head.weight"] = torch.eye(c, dtype=saved["head.weight"].dtype, device=saved["head.weight"].device)
+            out = []
+            for i in range(n_layer):
+                m.args.n_layer = i + 1
+                out.append(torch.stack([self._run(seq.tolist())[0].reshape(ids.shape[1], c).float().cpu() for seq in ids]))
+            return out
+        finally:
+            m.args.n_layer = n_layer
+            w.update(saved)
+
+    def greedy(self, prompt, n):
+        logits, state = self._run(prompt)
+        new = []
+        for _ in range(n):
+            tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+            new.append(tok)
+            logits, state = self._run([tok], state)
+        return new
+
+
+
+def build_hf_rwkv(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320,
+                        fmt: str = "safetensors", shard: str | None = None) -> Path:
+    """A seeded ``RwkvForCausalLM`` saved in Hub format with a tokenizer."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    cfg = RwkvConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                     intermediate_size=4 * hidden, context_length=256, bos_token_id=0, eos_token_id=0)
+    return save_checkpoint(RwkvForCausalLM(cfg), tok, out, fmt, shard, None)
+
+
+
+
 FAMILY = Family(
     name="rwkv",
+    model=("rwkv", "RwkvConfig", "Rwkv"),
     hf=(HfArch("rwkv", "RwkvForCausalLM", (HF,), config_from_hf, hf_config, reference_kwargs=(("rescale_every", 0),)),),
-    native=NativeFormat(NATIVE, match=is_native, config=config_from_native, check=check_native_version, export_as="rwkv"),
+    native=NativeFormat(NATIVE, match=is_native, config=config_from_native, reference=RwkvPackageReference,
+                        near_miss=native_near_miss, export_as="rwkv"),
+    # RWKV-4: [B, C] token-shift inputs of the time mix and channel mix (model dtype), and the
+    # WKV numerator, denominator and running log-scale [B, A] (float32)
+    state={"att_x": StateField("att_shift"), "ffn_x": StateField("ffn_shift"), "att_num": StateField("wkv_num"),
+           "att_den": StateField("wkv_den"), "att_max": StateField("wkv_max")},
+    demo=Demo("demo-rwkv4", "RWKV-4 (RwkvForCausalLM)", build_hf_rwkv),
     keep_fp32=KEEP_FP32,
 )

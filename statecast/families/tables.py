@@ -158,7 +158,7 @@ class Target:
 
 @dataclass(frozen=True)
 class SourceFormat:
-    """A checkpoint format: its name, family and name table.
+    """A checkpoint format: its name and name table.
 
     ``dropped`` source keys are ignored (non-persistent buffers some versions saved).
     ``optional`` canonical names are dropped when the model does not have them: a tied
@@ -166,7 +166,6 @@ class SourceFormat:
     """
 
     name: str
-    family: str
     rules: tuple[Rule, ...]
     dropped: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -346,63 +345,3 @@ def group_by_source(fmt: SourceFormat, names) -> list[tuple[str, list[str], str]
         if lacking:
             raise StatecastError(f"{fmt.name}: {source} needs {_listing(lacking)} as well")
     return [(s, p, t) for s, (p, t) in groups.items()]
-
-
-# --------------------------------------------------------------------------- families
-
-
-@dataclass(frozen=True)
-class HfArch:
-    """One Hugging Face architecture (a ``model_type``) that a family reads and writes.
-
-    ``formats`` are spellings of the same tensors (GPT-2 checkpoints saved from
-    ``GPT2Model`` lack the ``transformer.`` prefix): the one that names every source
-    key is used, and export writes the spelling recorded at conversion (else the first).
-    """
-
-    model_type: str
-    architecture: str  # transformers class, e.g. "LlamaForCausalLM"; also the verify reference
-    formats: tuple[SourceFormat, ...]
-    config_from_hf: Callable[[dict], dict]
-    hf_config: Callable[[dict, dict | None], dict]  # (unified config, source config.json or None) -> config.json
-    reference_kwargs: tuple[tuple[str, object], ...] = ()  # from_pretrained arguments for the reference
-
-
-@dataclass(frozen=True)
-class NativeFormat:
-    """A checkpoint format of the family's original authors (no Hugging Face ``model_type``)."""
-
-    fmt: SourceFormat
-    match: Callable[[list[str]], bool]  # do these tensor names look like this format?
-    config: Callable[[dict, dict | None], dict]  # (source shapes, its config.json or None) -> unified config
-    check: Callable[[list[str], str], None] = lambda keys, where: None  # refuse unsupported variants
-    export_as: str = ""  # model_type written by `export --format hf`
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    hf: tuple[HfArch, ...]
-    native: NativeFormat | None = None
-    keep_fp32: tuple[str, ...] = ()
-
-    def model_classes(self):
-        """(ConfigClass, ModelClass) from ``statecast.arch`` (imported on use)."""
-        from ..arch import model_classes
-
-        return model_classes(self.name)
-
-    def build(self, ucfg: dict, device: str | torch.device = "cpu"):
-        cfg_cls, model_cls = self.model_classes()
-        with torch.device(device):
-            return model_cls(cfg_cls.from_unified(ucfg))
-
-    def expected_shapes(self, ucfg: dict) -> dict[str, tuple[int, ...]]:
-        """Canonical tensor names and shapes, read off the model built on the meta device."""
-        return {k: tuple(v.shape) for k, v in self.build(ucfg, "meta").state_dict().items()}
-
-    def keeps_fp32(self, name: str) -> bool:
-        return any(name.endswith(s) for s in self.keep_fp32)
-
-    def arch(self, model_type: str) -> HfArch:
-        return next(a for a in self.hf if a.model_type == model_type)

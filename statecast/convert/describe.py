@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..checkpoints.layout import is_unified, open_unified
 from ..checkpoints.readers import dtype_name, open_tensors
-from .families import detect
+from ..families import detect
 
 
 def inspect_path(path: str | Path) -> dict:

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from .. import __version__
 from ..checkpoints.layout import open_unified, sha256_file, write_json_atomic
 from ..checkpoints.readers import parse_dtype
+from ..convert.generate import generate_ids
+from ..convert.loading import load_model, load_tokenizer, resolve_device
 from ..errors import ParityFailed, StatecastError
-from .generate import generate_ids
-from .loading import load_model, load_tokenizer, resolve_device
-from .references import make_reference, present_hidden
+from ..families import make_reference
+from ..families.references import present_hidden
 
 # Thresholds by the dtype our model computes in. nmse_db and layer_nmse_db are
 # upper bounds (more negative is better); agreements are lower bounds (0..1).

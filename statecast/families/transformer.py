@@ -10,7 +10,14 @@ table; the architectures differ only in config flags (biases, sliding window).
 
 from __future__ import annotations
 
-from .tables import Family, HfArch, Rule, SourceFormat
+from pathlib import Path
+
+import torch
+
+from ..errors import StatecastError
+from .builders import build_tokenizer, save_checkpoint, spread_weights
+from .record import KV_STATE, Demo, Family, HfArch
+from .tables import Rule, SourceFormat
 
 
 def _norm(src: str, dst: str) -> list[Rule]:
@@ -42,10 +49,10 @@ def _gpt2_rules(prefix: str) -> tuple[Rule, ...]:
 # Causal-mask buffers that older transformers versions saved with the weights.
 _GPT2_BUFFERS = ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")
 
-GPT2 = SourceFormat("gpt2-hf", "transformer", _gpt2_rules("transformer."),
+GPT2 = SourceFormat("gpt2-hf", _gpt2_rules("transformer."),
                     dropped=tuple("transformer." + b for b in _GPT2_BUFFERS), optional=("lm_head.weight",))
 # openai-community/gpt2 and other early uploads were saved from GPT2Model: no "transformer." prefix.
-GPT2_BARE = SourceFormat("gpt2-hf-bare", "transformer", _gpt2_rules(""), dropped=_GPT2_BUFFERS,
+GPT2_BARE = SourceFormat("gpt2-hf-bare", _gpt2_rules(""), dropped=_GPT2_BUFFERS,
                          optional=("lm_head.weight",))
 
 
@@ -64,7 +71,7 @@ def _llama_rules() -> tuple[Rule, ...]:
 
 def _llama_format(name: str) -> SourceFormat:
     # rotary_emb.inv_freq: a buffer that checkpoints from before transformers 4.31 contain.
-    return SourceFormat(name, "transformer", _llama_rules(), dropped=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
+    return SourceFormat(name, _llama_rules(), dropped=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
                         optional=("lm_head.weight",))
 
 
@@ -215,12 +222,49 @@ def qwen2_hf_config(ucfg: dict, base: dict | None = None) -> dict:
     return llama_hf_config(ucfg, base, model_type="qwen2", architecture="Qwen2ForCausalLM")
 
 
+def build_hf_transformer(out: Path, style: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 3,
+                         vocab: int = 320, heads: int = 4, kv_heads: int = 2, fmt: str = "safetensors",
+                         tied: bool = False, shard: str | None = None, dtype: torch.dtype | None = None,
+                         **extra) -> Path:
+    """A seeded ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+    ``Qwen2ForCausalLM`` in Hub format with a tokenizer. ``extra`` goes to the config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    v = tok.get_vocab_size()
+    if style == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=v, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+        if style not in names:
+            raise StatecastError(f"unknown transformer style {style!r}; choose gpt2, {', '.join(names)}")
+        cfg = getattr(transformers, names[style] + "Config")(
+            vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32, max_position_embeddings=512,
+            tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
+        model = getattr(transformers, names[style] + "ForCausalLM")(cfg)
+    spread_weights(model, seed)
+    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+
+
+
+
 FAMILY = Family(
     name="transformer",
+    model=("transformer", "TransformerConfig", "Transformer"),
     hf=(
-        HfArch("gpt2", "GPT2LMHeadModel", (GPT2, GPT2_BARE), gpt2_config_from_hf, gpt2_hf_config),
-        HfArch("llama", "LlamaForCausalLM", (LLAMA,), llama_config_from_hf, llama_hf_config),
-        HfArch("mistral", "MistralForCausalLM", (MISTRAL,), mistral_config_from_hf, mistral_hf_config),
-        HfArch("qwen2", "Qwen2ForCausalLM", (QWEN2,), qwen2_config_from_hf, qwen2_hf_config),
+        # onnxruntime-genai's "gpt2" type wants its own older GPT-2 graph (attention_mask input,
+        # one combined past per layer); ours runs as its generic "decoder"
+        HfArch("gpt2", "GPT2LMHeadModel", (GPT2, GPT2_BARE), gpt2_config_from_hf, gpt2_hf_config, genai_type="decoder"),
+        HfArch("llama", "LlamaForCausalLM", (LLAMA,), llama_config_from_hf, llama_hf_config, genai_type="llama"),
+        HfArch("mistral", "MistralForCausalLM", (MISTRAL,), mistral_config_from_hf, mistral_hf_config, genai_type="mistral"),
+        HfArch("qwen2", "Qwen2ForCausalLM", (QWEN2,), qwen2_config_from_hf, qwen2_hf_config, genai_type="qwen2"),
     ),
+    state=KV_STATE,
+    demo=Demo("demo-llama", "Llama with grouped-query attention (LlamaForCausalLM)", build_hf_transformer),
+    # one causal attention over past + new positions, the mask built from shapes: one graph for every T
+    onnx_dynamic_length=True,
 )

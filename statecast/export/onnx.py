@@ -7,9 +7,9 @@ NamedTuple, calls the model's own forward, and splits the new state into per-lay
     input_ids [B, T] int64, past_key_values.{i}.{suffix} ...  ->  logits [B, T, V], present.{i}.{suffix} ...
 
 ``{i}`` is the model's layer index (``model.state_layers()`` maps every row of a stacked
-state field to its layer) and ``{suffix}`` comes from :data:`STATE_FIELDS` (onnxruntime-genai's
+state field to its layer) and ``{suffix}`` comes from the family record's ``state`` (onnxruntime-genai's
 ``key``/``value`` and ``conv_state``/``recurrent_state``; RWKV's five tensors have their own).
-Batch is dynamic everywhere; T is dynamic for the families in :data:`DYNAMIC_LENGTH_FAMILIES`
+Batch is dynamic everywhere; T is dynamic for the families whose record says ``onnx_dynamic_length``
 and 1 otherwise; a KV state's length (past / total sequence length) is dynamic, starting at 0.
 
 Output directory (written atomically: a temporary sibling renamed into place only after the
@@ -51,13 +51,15 @@ from .. import __version__
 from ..arch.layers import LayerStack, MoE
 from ..checkpoints.layout import atomic_directory, open_unified
 from ..checkpoints.readers import dtype_name
+from ..convert.generate import generate_ids
+from ..convert.loading import load_model
 from ..errors import ParityFailed, StatecastError
+from ..families import FAMILIES
+from ..families.record import StateField
+from ..parity.verify import kl_per_position
 from ..runtime.ort import BATCH, DESCRIPTION, FORMAT, PAST, SEQUENCE, TOTAL, OnnxModel, provider_name
-from .generate import generate_ids
-from .loading import load_model
 from .onnx_moe import DOMAIN as MOE_DOMAIN
 from .onnx_moe import expand_moe
-from .verify import kl_per_position
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 # the dtype of the PyTorch model traced for each export dtype (int8 quantizes the fp32 graph)
@@ -79,39 +81,6 @@ QUANTIZATION = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_t
                 # output (the experts' MatMuls, in their If branches, are quantized)
                 "keep_float": ["/router/"]}
 
-
-@dataclass(frozen=True)
-class StateField:
-    """How one field of a model's state NamedTuple appears in the graph."""
-
-    suffix: str  # past_key_values.{i}.{suffix} -> present.{i}.{suffix}
-    length_axis: int | None = None  # axis of one layer's tensor that grows by T per call (the KV history)
-
-
-STATE_FIELDS: dict[str, StateField] = {
-    # attention (Transformer, Jamba): [B, Hkv, P, D] -> [B, Hkv, P+T, D]
-    "key": StateField("key", length_axis=2),
-    "value": StateField("value", length_axis=2),
-    # Mamba (Mamba, Falcon Mamba, Jamba): [B, E, W-1] last conv inputs, [B, E, N] SSM state (float32)
-    "conv": StateField("conv_state"),
-    "ssm": StateField("recurrent_state"),
-    # RWKV-4: [B, C] token-shift inputs of the time mix and channel mix (model dtype), and the
-    # WKV numerator, denominator and running log-scale [B, A] (float32)
-    "att_x": StateField("att_shift"),
-    "ffn_x": StateField("ffn_shift"),
-    "att_num": StateField("wkv_num"),
-    "att_den": StateField("wkv_den"),
-    "att_max": StateField("wkv_max"),
-}
-
-# Families whose whole-sequence path traces into one graph for every T: the Transformer's
-# (one causal attention over past + new positions, the mask built from shapes). RWKV's chunked
-# WKV and Mamba's segmented scan are Python loops over time that unroll when traced (the graph
-# would hold the example's T), so those graphs, and Jamba's, are the single-token recurrence.
-DYNAMIC_LENGTH_FAMILIES = ("transformer",)
-# HF model_type -> onnxruntime-genai model type. genai's "gpt2" type wants its own older GPT-2
-# graph (attention_mask input, one combined past per layer); ours runs as its generic "decoder"
-GENAI_TYPES = {"gpt2": "decoder", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 # Parity thresholds by export dtype, against the float32 PyTorch model: max_abs_diff and
 # kl_mean are upper bounds, top1_agreement a lower bound; None = recorded, not judged.
@@ -141,9 +110,7 @@ class Slot:
     row: int
     layer: int
 
-    @property
-    def spec(self) -> StateField:
-        return STATE_FIELDS[self.field]
+    spec: StateField  # its graph names (the family record's ``state``)
 
     @property
     def input(self) -> str:
@@ -154,14 +121,15 @@ class Slot:
         return f"present.{self.layer}.{self.spec.suffix}"
 
 
-def state_slots(model: nn.Module) -> list[Slot]:
-    """Every per-layer state tensor of ``model``, ordered by layer, then by state field."""
+def state_slots(model: nn.Module, names: dict[str, StateField]) -> list[Slot]:
+    """Every per-layer state tensor of ``model``, ordered by layer, then by state field;
+    ``names``: the graph names of the state fields (the family record's ``state``)."""
     fields = type(model.init_state(1))._fields
-    unknown = [f for f in fields if f not in STATE_FIELDS]
+    unknown = [f for f in fields if f not in names]
     if unknown:
         raise StatecastError(f"no ONNX names for state fields {unknown} of {type(model).__name__}")
     layers = model.state_layers()
-    slots = [Slot(f, row, layer) for f in fields for row, layer in enumerate(layers[f])]
+    slots = [Slot(f, row, layer, names[f]) for f in fields for row, layer in enumerate(layers[f])]
     return sorted(slots, key=lambda s: (s.layer, fields.index(s.field)))
 
 
@@ -329,7 +297,8 @@ def genai_config(desc: dict, um) -> dict | None:
     feeds only the inputs a graph has, and this graph derives positions from the past length."""
     fields = {s["field"] for s in desc["state"]}
     model_type = (um.source.get("hf_config") or {}).get("model_type")
-    if fields != {"key", "value"} or model_type not in GENAI_TYPES:
+    genai_type = next((a.genai_type for a in FAMILIES[um.family].hf if a.model_type == model_type), None)
+    if fields != {"key", "value"} or genai_type is None:
         return None
     cfg = um.config
     eos = desc["eos_token_id"] if desc["eos_token_id"] is not None else 0
@@ -353,7 +322,7 @@ def genai_config(desc: dict, um) -> dict | None:
             },
             "eos_token_id": eos,
             "pad_token_id": eos,
-            "type": GENAI_TYPES[model_type],
+            "type": genai_type,
             "vocab_size": cfg["vocab_size"],
         },
         "search": {
@@ -477,11 +446,12 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
     out = Path(out) if out is not None else default_out(um.path, dtype)
     reference, _ = load_model(um, dtype="float32")
     model = reference if TRACE_DTYPE[dtype] == "float32" else load_model(um, dtype=TRACE_DTYPE[dtype])[0]
-    slots = state_slots(model)
+    family = FAMILIES[um.family]
+    slots = state_slots(model, family.state)
     for m in model.modules():
         if isinstance(m, MoE):
             m.export_op = moe_op
-    dynamic_length = um.family in DYNAMIC_LENGTH_FAMILIES
+    dynamic_length = family.onnx_dynamic_length
     with atomic_directory(out, force=force) as tmp:
         scratch = tmp / ".trace"
         scratch.mkdir()

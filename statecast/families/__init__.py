@@ -1,4 +1,10 @@
-"""The supported families, their checkpoint formats and how to recognise them."""
+"""The family registry: every supported family's record, and recognising a checkpoint.
+
+Adding a family is one line in :data:`FAMILIES` (its record lives in its own module here,
+its model in ``statecast/arch/``). The registry refuses two families that claim the same
+name, Hub ``model_type`` or source format, and detection refuses a native checkpoint that
+two families' matchers accept: which family is tried first never decides anything.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,25 @@ from pathlib import Path
 
 from ..checkpoints.readers import weight_files
 from ..errors import StatecastError
-from . import jamba as jamba_formats
-from . import mamba as mamba_formats
-from . import rwkv as rwkv_formats
-from . import transformer as transformer_formats
-from .tables import Family, HfArch, SourceFormat
+from . import jamba, mamba, rwkv, transformer
+from .record import Family, HfArch
+from .tables import SourceFormat
 
-FAMILIES: dict[str, Family] = {
-    f.name: f for f in (rwkv_formats.FAMILY, mamba_formats.FAMILY, transformer_formats.FAMILY, jamba_formats.FAMILY)
-}
+
+def _registry(*families: Family) -> dict[str, Family]:
+    """name -> record, after checking that no two records claim the same name, model_type or format."""
+    seen: dict[str, str] = {}
+    for fam in families:
+        claims = [f"family {fam.name}"] + [f"model_type {a.model_type}" for a in fam.hf]
+        claims += [f"format {fmt.name}" for _, fmt in fam.formats()]
+        for claim in claims:
+            if claim in seen:
+                raise ValueError(f"{claim} is claimed by both {seen[claim]} and {fam.name}")
+            seen[claim] = fam.name
+    return {f.name: f for f in families}
+
+
+FAMILIES: dict[str, Family] = _registry(rwkv.FAMILY, mamba.FAMILY, transformer.FAMILY, jamba.FAMILY)
 SUPPORTED = "; ".join(
     f"{f.name} ({', '.join([a.architecture for a in f.hf] + ([f.native.fmt.name] if f.native else []))})"
     for f in FAMILIES.values()
@@ -26,12 +42,9 @@ SUPPORTED = "; ".join(
 def format_by_name(name: str) -> tuple[Family, HfArch | None, SourceFormat]:
     """(family, HF architecture or None for a native format, format) for a recorded format name."""
     for fam in FAMILIES.values():
-        for arch in fam.hf:
-            for fmt in arch.formats:
-                if fmt.name == name:
-                    return fam, arch, fmt
-        if fam.native and fam.native.fmt.name == name:
-            return fam, None, fam.native.fmt
+        for arch, fmt in fam.formats():
+            if fmt.name == name:
+                return fam, arch, fmt
     raise StatecastError(f"unknown source format {name!r}")
 
 
@@ -130,10 +143,17 @@ def detect(path: Path) -> Detected:
 
 def _detect_native(root: Path, files: list[Path], cfg: dict | None, where: str) -> Detected:
     keys = _source_keys(files)
+    accepted = [fam for fam in FAMILIES.values() if fam.native is not None and fam.native.match(keys, cfg)]
+    if len(accepted) > 1:
+        raise StatecastError(f"{where}: the tensor names match the native formats of several families "
+                             f"({', '.join(f.native.fmt.name for f in accepted)}); refusing to guess")
+    if accepted:
+        fam = accepted[0]
+        return Detected(root, fam, fam.native.fmt, files, cfg, _tokenizer_files(root))
     for fam in FAMILIES.values():
-        if fam.native is not None and fam.native.match(keys):
-            fam.native.check(keys, where)
-            return Detected(root, fam, fam.native.fmt, files, cfg, _tokenizer_files(root))
+        reason = fam.native.near_miss(keys, cfg) if fam.native is not None else None
+        if reason:
+            raise StatecastError(f"{where}: {reason}")
     what = "a config.json without model_type" if cfg is not None else "no config.json"
     raise StatecastError(f"{where}: unrecognised checkpoint ({what}, and the tensor names match no native format); "
                          f"supported: {SUPPORTED}")
@@ -150,3 +170,18 @@ def unified_config(det: Detected, shapes: dict[str, tuple[int, ...]]) -> dict:
         raise StatecastError(f"{where} lacks the field {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
         raise StatecastError(f"{where}: {e}") from None
+
+
+def make_reference(fmt_name: str, path: Path, device, ucfg: dict, dtype=None):
+    """verify's reference implementation for a recorded source format (``ucfg``: the unified
+    config): transformers' class for a Hub architecture, the native format's own otherwise;
+    computing in ``dtype`` (default float32) where it can (``Reference.dtype`` says what it uses)."""
+    import torch
+
+    from .references import HfReference
+
+    fam, arch, _ = format_by_name(fmt_name)
+    dtype = torch.float32 if dtype is None else dtype
+    if arch is not None:
+        return HfReference(path, device, arch, ucfg, dtype)
+    return fam.native.reference(path, device, fam, ucfg, dtype)
