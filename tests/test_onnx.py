@@ -435,23 +435,30 @@ def test_moe_layer_graph_matches_eager(export_op, normalize, tmp_path):
     """One MoE layer through torch.onnx.export (+ the If rewrite for standard ops) equals
     the eager grouped path for tokens with different routings, renormalised (Mixtral) or not (Jamba)."""
     from statecast.arch.layers import MoE
-    from statecast.export.onnx_moe import expand_moe
+    from statecast.export.onnx_moe import TracedMoE, expand_moe, swap_moe
 
     torch.manual_seed(0)
     moe = MoE(16, 24, n_experts=5, top_k=2, normalize=normalize).eval()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
-    moe.export_op = export_op
     x = torch.randn(3, 4, 16)  # 12 tokens: every expert chosen by some, none by all
     with torch.no_grad():
         ref = moe(x)
         index = moe.route(x.reshape(-1, 16))[1]
     assert len(set(index.flatten().tolist())) == 5
+    model = torch.nn.ModuleDict({"moe": moe})
+    names = list(model.state_dict())
+    swap_moe(model, export_op)  # as the exporter does: same module path and parameter names, same eager value
+    traced = model["moe"]
+    assert isinstance(traced, TracedMoE) and list(model.state_dict()) == names
+    with torch.no_grad():
+        assert torch.equal(traced(x), ref)
     path = tmp_path / "moe.onnx"
-    torch.onnx.export(moe, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=onnx_export.OPSET,
+    torch.onnx.export(traced, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=onnx_export.OPSET,
                       dynamic_axes={"x": {0: "B", 1: "T"}}, dynamo=False)
     graph = onnx.load(str(path))
+    assert [n.op_type for n in graph.graph.node if "/router/" in n.name] == ["MatMul"]  # int8 keeps it float by its name
     assert expand_moe(graph) == (1 if export_op == "standard" else 0)
     onnx.checker.check_model(graph)
     import onnxruntime as ort

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -24,10 +25,10 @@ def test_hf_source_passes_against_transformers(pulled_hf, tmp_path):
     assert REQUIRED <= r.keys()
     assert r["passed"] and r["reference"]["implementation"] == "transformers.RwkvForCausalLM"
     assert r["device"] == "cpu" and r["dtype"] == "float32"
-    assert r["max_abs_diff"] < 1e-4 and r["nmse_db"] < -100 and r["kl_max"] < 1e-9
+    assert r["max_abs_diff"] < 1e-4 and (r["nmse_db"] or -math.inf) < -100 and r["kl_max"] < 1e-9
     assert r["top1_agreement"] == 1.0 and r["greedy_agreement"] == 1.0 and r["greedy"]["tokens"] >= 32
     assert r["step_vs_parallel_max_abs_diff"] < 1e-4
-    assert len(r["per_layer"]) == 3 and all(v < -100 for v in r["per_layer"]) and r["first_divergent_layer"] is None
+    assert len(r["per_layer"]) == 3 and all((v or -math.inf) < -100 for v in r["per_layer"]) and r["first_divergent_layer"] is None
     assert r["n_positions"] >= 2 * 64 + r["inputs"]["text_tokens"] and r["inputs"]["text_tokens"] > 0
     on_disk = json.loads((model / "parity.json").read_text())
     assert on_disk["passed"] and on_disk["max_abs_diff"] == r["max_abs_diff"]
@@ -47,7 +48,7 @@ def test_float16_model_meets_float16_tolerances(hf_dir, tmp_path):
     r = verify(info["path"], device="cpu")
     assert r["dtype"] == "float16" and r["tolerances"] == TOLERANCES["float16"]
     assert r["passed"], r["checks"]
-    assert 0 < r["max_abs_diff"] < TOLERANCES["float16"]["max_abs_diff"]
+    assert 0 < r["rel_max_abs_diff"] < TOLERANCES["float16"]["rel_max_abs_diff"]
 
 
 def test_a_perturbed_layer_fails_and_is_named(pulled_hf, tmp_path):
@@ -80,3 +81,26 @@ def test_cuda_parity(pulled_hf, tmp_path):
     shutil.copytree(pulled_hf, model)
     r = verify(model, device="cuda")
     assert r["passed"] and r["device"].startswith("cuda")
+
+
+def test_metrics_are_judged_relative_to_the_logits_and_identical_outputs_read_exact():
+    """One judging code for verify and the ONNX check: bounds relative to the logits' spread,
+    so the same relative error passes at any logit scale; identical logits have an NMSE of
+    -inf, which parity.json holds as null and people read as "exact"."""
+    from statecast.parity.metrics import compare_logits, json_metric, judge, show
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 8, 50, generator=g)
+    noise = torch.randn(2, 8, 50, generator=g) * 1e-4
+    bounds = {"rel_max_abs_diff": 1e-2, "nmse_db": -60.0, "kl_max": 1e-5, "top1_agreement": 0.999}
+    for scale in (1.0, 1000.0):  # an absolute bound would refuse the large-logit model
+        m = compare_logits([(ref * scale + noise * scale, ref * scale)])
+        assert m["logit_scale"] == pytest.approx(scale, rel=0.1)
+        assert m["rel_max_abs_diff"] == pytest.approx(m["max_abs_diff"] / m["logit_scale"])
+        assert all(judge(m, bounds).values()), (scale, m)
+    assert not judge(compare_logits([(ref + 0.5, ref.flip(-1))]), bounds)["top1_agreement"]
+    same = compare_logits([(ref, ref)])
+    assert same["nmse_db"] == -math.inf and json_metric(same["nmse_db"]) is None and show(None) == "exact"
+    assert json.loads(json.dumps({k: json_metric(v) for k, v in same.items()}))["nmse_db"] is None
+    nan = compare_logits([(ref * float("nan"), ref)])
+    assert not judge(nan, bounds)["finite"]

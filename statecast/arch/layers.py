@@ -280,17 +280,10 @@ class MoE(nn.Module):
       * grouped (eager): per chosen expert, its tokens gathered, three matmuls on that
         expert's weight views, scaled, ``index_add_`` back (transformers' loop; a decode
         step touches only the k chosen experts' weights);
-      * gathered (``torch.compile``): each token's k expert matrices gathered by index and
-        applied with batched matmuls; no data-dependent control flow, so one graph serves
-        every routing (it copies k expert matrices per token).
-    The ONNX exporter's graph (traced by ``torch.onnx.export``) holds one node
-    per MoE layer, chosen by ``export_op`` (the exporter's ``--moe-op``; the node's eager
-    value is the gathered path's): ``"standard"`` a ``statecast.MoE`` placeholder that the
-    exporter rewrites into standard ONNX ops (``statecast.export.onnx_moe``: one ``If``
-    per expert, so a step reads only the chosen experts' matrices, in place);
-    ``"com.microsoft"`` onnxruntime's contrib ``MoE`` op (contrib_defs.cc ``MoE``: softmax
-    over the router logits, top-k, optional renormalisation, SwiGLU experts with gate and
-    up rows interleaved in one ``fc1``).
+      * gathered (``is_exporting``: ``torch.compile``, tracing): each token's k expert
+        matrices gathered by index and applied with batched matmuls; no data-dependent
+        control flow, so one graph serves every routing (it copies k expert matrices per token).
+    The ONNX exporter swaps each layer for its own traced form (``export.onnx_moe``).
     """
 
     def __init__(self, d_model: int, d_ffn: int, n_experts: int, top_k: int, act: str = "silu", normalize: bool = False):
@@ -305,7 +298,6 @@ class MoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(X, F_, C))
         self.up = nn.Parameter(torch.empty(X, F_, C))
         self.down = nn.Parameter(torch.empty(X, C, F_))
-        self.export_op = "standard"  # how a traced graph computes the experts (see the class doc)
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, top_k={self.top_k}, act={self.act_name}, normalize={self.normalize}"
@@ -318,8 +310,6 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # [N, C]
-        if torch.jit.is_tracing():  # torch.onnx.export
-            return self._onnx_node(flat).view(B, T, C)
         weights, index = self.route(flat)
         if is_exporting():
             out = self._gathered(flat, weights, index)
@@ -340,18 +330,6 @@ class MoE(nn.Module):
     def _gathered(self, x: Tensor, weights: Tensor, index: Tensor) -> Tensor:
         return gathered_experts(x, weights, index, self.gate, self.up, self.down, self.act)
 
-    def _onnx_node(self, x: Tensor) -> Tensor:
-        """x [N, C] -> [N, C] as one ONNX node (see the class doc)."""
-        if self.act_name != "silu":  # both nodes compute SwiGLU experts
-            raise ValueError(f"ONNX export of a MoE computes silu-gated experts, not {self.act_name!r}")
-        logits = self.router(x)  # [N, X]: an ordinary MatMul in the graph
-        if self.export_op == "standard":
-            return _OnnxMoE.apply(x, logits, self.gate, self.up, self.down, self.top_k, int(self.normalize), "standard")
-        X, F_, C = self.gate.shape
-        fc1 = torch.stack([self.gate, self.up], 2).reshape(X, 2 * F_, C)  # rows g0, u0, g1, u1, ...
-        bias1 = torch.zeros(X, 2 * F_, dtype=x.dtype)  # a placeholder: fc2's slot comes after it
-        return _OnnxMoE.apply(x, logits, fc1, bias1, self.down, self.top_k, int(self.normalize), "com.microsoft")
-
 
 def top_k_route(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Router logits [N, X] -> float32 weights [N, k] (softmax over X in float32, the top k,
@@ -370,29 +348,6 @@ def gathered_experts(x: Tensor, weights: Tensor, index: Tensor, gate: Tensor, up
     u = torch.matmul(up[index], h).squeeze(-1)  # [N, k, F]
     y = torch.matmul(down[index], (act(g) * u).unsqueeze(-1)).squeeze(-1)  # [N, k, C]
     return (y * weights.unsqueeze(-1)).sum(1)  # [N, C]
-
-
-class _OnnxMoE(torch.autograd.Function):
-    """A MoE layer as one node of a traced ONNX graph, by ``kind`` (the module's ``export_op``):
-    ``statecast.MoE(x, logits, gate, up, down)``, which the exporter rewrites into standard ops,
-    or ``com.microsoft.MoE(x, logits, fc1, bias1, fc2)``. The eager value (what the tracer
-    runs) is the same sum through :func:`gathered_experts`."""
-
-    @staticmethod
-    def forward(ctx, x, logits, w1, w2, w3, k: int, normalize: int, kind: str):
-        weights, index = top_k_route(logits, k, bool(normalize))
-        gate, up = (w1, w2) if kind == "standard" else (w1[:, 0::2], w1[:, 1::2])  # fc1 interleaves g, u rows
-        return gathered_experts(x, weights.to(x.dtype), index, gate, up, w3, F.silu)
-
-    @staticmethod
-    def symbolic(g, x, logits, w1, w2, w3, k: int, normalize: int, kind: str):
-        if kind == "standard":
-            out = g.op("statecast::MoE", x, logits, w1, w2, w3, k_i=k, normalize_i=normalize)
-        else:
-            out = g.op("com.microsoft::MoE", x, logits, w1, w2, w3, k_i=k, activation_type_s="swiglu",
-                       swiglu_fusion_i=1, activation_alpha_f=1.0, activation_beta_f=0.0, normalize_routing_weights_i=normalize)
-        out.setType(x.type())  # [N, C] like x: the exporter cannot infer a custom op's shape
-        return out
 
 
 # --------------------------------------------------------------------------- rotary positions

@@ -57,11 +57,12 @@ Deviations from the references (numerical only; the same function is computed):
 
 Optional compiled path (``scan_impl="compiled"``, set by the caller through
 ``Mamba.set_kernels`` or ``MambaMixer.scan_impl``; never chosen implicitly): two small
-C++ CPU kernels built on first use with ``torch.utils.cpp_extension.load_inline``: the
-selective scan fused with the D skip and the silu gate (one loop over T per block of 16
-channels, vectorised over channels, polynomial exp2), and the causal conv fused with its
-silu. Used only for float32, T > 1, when autograd does not record; the pure-PyTorch path
-is the default, the reference and what export traces.
+C++ CPU kernels in ``kernels/mamba_scan.cpp``, built on first use with
+``torch.utils.cpp_extension.load``: the selective scan fused with the D skip and the silu
+gate (one loop over T per block of 16 channels, vectorised over channels, polynomial
+exp2), and the causal conv fused with its silu. Used only for float32, T > 1, when
+autograd does not record; the pure-PyTorch path is the default, the reference and what
+export traces.
 
 Memory: on CPU every fresh [B, T, E] temporary of a layer is returned to the OS by the
 allocator and page-faulted in again by the next layer (measured: ~1 ms per 6 MB buffer at
@@ -75,6 +76,7 @@ import hashlib
 import math
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -98,10 +100,6 @@ SCAN_IMPLS = ("torch", "compiled")
 # cache (K=32: 2 x 3 MB at E=1536, N=16). Measured per layer at T=1024 (bench/bench_scan.py,
 # 2 threads): K=8 18.4 ms, 16 15.4, 32 13.9, 64 16.9; at T=2048 K=32 and 64 tie (27 ms).
 SCAN_SEGMENT = 32
-# Tokens per pass through the layers in Mamba.forward (None: all at once), as RWKV's
-# PREFILL_SEGMENT. Measured on mamba-130m at T=2048: 1024- or 512-token passes change the
-# forward by < 1% (RWKV gains from them, Mamba does not), so one pass.
-PREFILL_SEGMENT = None
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -272,213 +270,14 @@ def _selective_scan_autograd(x: Tensor, dt: Tensor, a2: Tensor, Bm: Tensor, Cm: 
 
 # --------------------------------------------------------------------------- compiled scan (optional)
 #
-# The same scan as one fused C++ loop (torch.utils.cpp_extension.load_inline, built on
-# first use with the local compiler). Optional: selected only by an explicit
-# ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_kernels); the pure path
-# above stays the default and the one ONNX export traces.
+# The same scan as one fused C++ loop (kernels/mamba_scan.cpp, built on first use with
+# the local compiler by torch.utils.cpp_extension.load). Optional: selected only by an
+# explicit ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_kernels); the pure
+# path above stays the default and the one ONNX export traces.
 
-_SCAN_CPP = r"""
-#include <ATen/core/Tensor.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <optional>
-#include <tuple>
-#include <vector>
+# shipped as package data (pyproject.toml) next to this module: compiled where installed
+_SCAN_SOURCE = Path(__file__).parent / "kernels" / "mamba_scan.cpp"
 
-namespace {
-constexpr int W = 16;  // channels per block (one AVX-512 / two AVX2 vectors of float32)
-
-// 2^x for x <= 0 (clamped at -126: 2^-126 ~ 1e-38 stands for anything smaller).
-// Round-to-nearest splits x = n + g, |g| <= 1/2; 2^g from Cephes' exp2f polynomial
-// (about 1 ulp); 2^n by writing the exponent bits. Plain code that compilers vectorise.
-static inline float exp2_neg(float x) {
-  x = std::max(x, -126.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float t = x + magic;
-  float n = t - magic;
-  float g = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * g + 1.339887440266574e-3f;
-  p = p * g + 9.618437357674640e-3f;
-  p = p * g + 5.550332471162809e-2f;
-  p = p * g + 2.402264791363012e-1f;
-  p = p * g + 6.931472028550421e-1f;
-  p = p * g + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  int32_t bits = (ti << 23) + (127 << 23);  // the low mantissa bits of t hold n
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
-// silu(v) = v * sigmoid(v), sigmoid from e = exp(-|v|) <= 1 (no overflow either side)
-static inline float silu(float v) {
-  const float e = exp2_neg(-std::abs(v) * 1.4426950408889634f);
-  const float s = (v >= 0.0f ? 1.0f : e) / (1.0f + e);
-  return v * s;
-}
-
-struct Rows {  // a [B, T, X] float tensor with unit stride in X
-  const float* p;
-  int64_t sb, st;
-  const float* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
-};
-
-Rows rows(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
-
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3 && t.stride(2) == 1, name,
-              ": expected a float32 CPU [B, T, X] tensor with unit stride in X");
-}
-
-void check_dense(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), name,
-              ": expected a contiguous float32 CPU tensor");
-}
-}  // namespace
-
-// y = (scan(x, dt, A, B, C; h0) + D x) * silu(z), per batch row and block of 16 channels.
-// x, dt, z: [B, T, E]; Bm, Cm: [B, T, N]; A2 = A log2(e): [N, E]; h0: [B, E, N]; D: [E].
-std::tuple<at::Tensor, at::Tensor> selective_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A2,
-                                                 const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& h0,
-                                                 const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                                 const std::optional<at::Tensor>& out) {
-  check_rows(x, "x");
-  check_rows(dt, "dt");
-  check_rows(Bm, "B");
-  check_rows(Cm, "C");
-  check_dense(A2, "A2");
-  check_dense(h0, "h0");
-  const int64_t Bsz = x.size(0), T = x.size(1), E = x.size(2), N = A2.size(0);
-  TORCH_CHECK(A2.size(1) == E && h0.size(0) == Bsz && h0.size(1) == E && h0.size(2) == N, "selective_scan: shapes");
-  const float* pD = nullptr;
-  if (D.has_value()) {
-    check_dense(*D, "D");
-    pD = D->data_ptr<float>();
-  }
-  Rows rz{nullptr, 0, 0};
-  if (z.has_value()) {
-    check_rows(*z, "z");
-    rz = rows(*z);
-  }
-  // y may be written over dt (out = dt): each (t, block) reads its dt before writing its y
-  at::Tensor y = out.has_value() ? *out : at::empty({Bsz, T, E}, x.options());
-  if (out.has_value()) {
-    check_dense(y, "out");
-    TORCH_CHECK(y.size(0) == Bsz && y.size(1) == T && y.size(2) == E, "selective_scan: out shape");
-  }
-  auto hT = at::empty({Bsz, E, N}, x.options());
-  const Rows rx = rows(x), rdt = rows(dt), rb = rows(Bm), rc = rows(Cm);
-  const float *pa = A2.data_ptr<float>(), *ph0 = h0.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  float* phT = hT.data_ptr<float>();
-  const int64_t nblk = (E + W - 1) / W;
-  at::parallel_for(0, Bsz * nblk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> hbuf(N * W), abuf(N * W);
-    float* h = hbuf.data();
-    float* a2 = abuf.data();
-    float dtv[W], dtx[W], acc[W], skip[W], gate[W];
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / nblk, d0 = (i % nblk) * W;
-      const int w = (int)std::min<int64_t>(W, E - d0);
-      std::fill(hbuf.begin(), hbuf.end(), 0.0f);
-      std::fill(abuf.begin(), abuf.end(), 0.0f);
-      for (int64_t n = 0; n < N; ++n)
-        for (int j = 0; j < w; ++j) {
-          a2[n * W + j] = pa[n * E + d0 + j];
-          h[n * W + j] = ph0[(b * E + d0 + j) * N + n];
-        }
-      for (int j = 0; j < W; ++j) skip[j] = (pD != nullptr && j < w) ? pD[d0 + j] : 0.0f;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* dtr = rdt.row(b, t) + d0;
-        const float* xr = rx.row(b, t) + d0;
-        for (int j = 0; j < W; ++j) {
-          const float a = j < w ? dtr[j] : 0.0f, v = j < w ? xr[j] : 0.0f;
-          dtv[j] = a;
-          dtx[j] = a * v;
-          acc[j] = skip[j] * v;
-        }
-        const float* br = rb.row(b, t);
-        const float* cr = rc.row(b, t);
-        for (int64_t n = 0; n < N; ++n) {
-          const float bn = br[n], cn = cr[n];
-          const float* an = a2 + n * W;
-          float* hn = h + n * W;
-#pragma GCC ivdep
-          for (int j = 0; j < W; ++j) {
-            const float hv = exp2_neg(dtv[j] * an[j]) * hn[j] + dtx[j] * bn;
-            hn[j] = hv;
-            acc[j] += hv * cn;
-          }
-        }
-        float* yr = py + (b * T + t) * E + d0;
-        if (rz.p != nullptr) {
-          const float* zr = rz.row(b, t) + d0;
-          for (int j = 0; j < W; ++j) gate[j] = silu(j < w ? zr[j] : 0.0f);
-          for (int j = 0; j < w; ++j) yr[j] = acc[j] * gate[j];
-        } else {
-          for (int j = 0; j < w; ++j) yr[j] = acc[j];
-        }
-      }
-      for (int64_t n = 0; n < N; ++n)
-        for (int j = 0; j < w; ++j) phT[(b * E + d0 + j) * N + n] = h[n * W + j];
-    }
-  });
-  return {y, hT};
-}
-
-// out[b, t] = silu(bias + sum_k wT[k] * in[b, t - (W-1) + k]), in[b, j < 0] = prev[b, W-1 + j].
-// x: [B, T, E] (unit stride in E); prev: [B, W-1, E]; wT: [W, E]; bias: [E].
-at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& prev, const at::Tensor& wT,
-                            const std::optional<at::Tensor>& bias) {
-  check_rows(x, "x");
-  check_dense(prev, "prev");
-  check_dense(wT, "wT");
-  const int64_t Bsz = x.size(0), T = x.size(1), E = x.size(2), K = wT.size(0);
-  TORCH_CHECK(wT.size(1) == E && prev.size(0) == Bsz && prev.size(1) == K - 1 && prev.size(2) == E,
-              "causal_conv_silu: shapes");
-  const float* pb = nullptr;
-  if (bias.has_value()) {
-    check_dense(*bias, "bias");
-    pb = bias->data_ptr<float>();
-  }
-  auto out = at::empty({Bsz, T, E}, x.options());
-  const Rows rx = rows(x);
-  const float *pp = prev.data_ptr<float>(), *pw = wT.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  at::parallel_for(0, Bsz * T, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / T, t = i % T;
-      float* o = po + i * E;
-      for (int64_t e = 0; e < E; ++e) o[e] = pb != nullptr ? pb[e] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t j = t - (K - 1) + k;
-        const float* src = j >= 0 ? rx.row(b, j) : pp + (b * (K - 1) + (K - 1) + j) * E;
-        const float* wk = pw + k * E;
-#pragma GCC ivdep
-        for (int64_t e = 0; e < E; ++e) o[e] += wk[e] * src[e];
-      }
-#pragma GCC ivdep
-      for (int64_t e = 0; e < E; ++e) o[e] = silu(o[e]);
-    }
-  });
-  return out;
-}
-
-TORCH_LIBRARY(NAMESPACE, m) {
-  m.def("selective_scan(Tensor x, Tensor dt, Tensor A2, Tensor B, Tensor C, Tensor h0, Tensor? D, Tensor? z, Tensor(a!)? out) -> (Tensor, Tensor)");
-  m.def("causal_conv_silu(Tensor x, Tensor prev, Tensor wT, Tensor? bias) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
-  m.impl("selective_scan", &selective_scan);
-  m.impl("causal_conv_silu", &causal_conv_silu);
-}
-"""
 # -fno-trapping-math lets GCC if-convert the clamp and vectorise exp2_neg; -march=native
 # because the build is local (the build name includes the CPU model, see below).
 _SCAN_CFLAGS = ("-O3", "-march=native", "-fno-trapping-math")
@@ -496,7 +295,7 @@ def load_compiled_scan(verbose: bool = False):
     if "error" in _compiled:
         raise RuntimeError(_compiled["error"])
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load
 
         cpu = platform.processor() or platform.machine()
         try:
@@ -504,14 +303,16 @@ def load_compiled_scan(verbose: bool = False):
                 cpu = next((ln for ln in f if ln.startswith("model name")), cpu)
         except OSError:
             pass
-        key = "\0".join((_SCAN_CPP, *_SCAN_CFLAGS, cpu, torch.__version__)).encode()
+        # a new name (a fresh build, a fresh op namespace) whenever the source, the flags,
+        # the CPU (-march=native) or torch change
+        parts = (*_SCAN_CFLAGS, cpu, torch.__version__)
+        key = b"\0".join([_SCAN_SOURCE.read_bytes(), *(p.encode() for p in parts)])
         name = "statecast_mamba_scan_" + hashlib.sha256(key).hexdigest()[:12]
-        load_inline(
+        load(
             name,
-            cpp_sources=[_SCAN_CPP.replace("NAMESPACE", name)],
-            extra_cflags=list(_SCAN_CFLAGS),
+            sources=[str(_SCAN_SOURCE)],
+            extra_cflags=[*_SCAN_CFLAGS, f"-DSTATECAST_OP_NAMESPACE={name}"],
             is_python_module=False,
-            no_implicit_headers=True,
             verbose=verbose,
         )
         _compiled["op"] = getattr(torch.ops, name)
@@ -832,24 +633,23 @@ class Mamba(CausalLM):
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
         x = self.embed_tokens(input_ids)  # [B, T, C]
-        seg = PREFILL_SEGMENT or x.shape[1]
-        outs, hidden = [], [[] for _ in self.layers]
-        for s in range(0, x.shape[1], seg):
-            y, state = self._layers(x[:, s : s + seg], state, hidden if output_hidden else None)
-            outs.append(y)
-        x = self.final_norm(outs[0] if len(outs) == 1 else torch.cat(outs, 1))  # [B, T, C]
-        logits = self.head_logits(x)  # [B, T, V]
+        # one pass through the layers: unlike RWKV (its PREFILL_SEGMENT), segmenting the
+        # prefill changed mamba-130m's forward at T=2048 by < 1% (bench/README.md)
+        hidden = [] if output_hidden else None
+        x, state = self._layers(x, state, hidden)
+        logits = self.head_logits(self.final_norm(x))  # [B, T, V]
         if output_hidden:
-            return logits, state, [h[0] if len(h) == 1 else torch.cat(h, 1) for h in hidden]
+            return logits, state, hidden
         return logits, state
 
-    def _layers(self, x: Tensor, state: MambaState, hidden: list[list[Tensor]] | None):
-        # x: [B, T, C] embedded input -> residual stream after the last block, new state
+    def _layers(self, x: Tensor, state: MambaState, hidden: list[Tensor] | None):
+        # x: [B, T, C] embedded input -> residual stream after the last block, new state;
+        # appends each block's output to ``hidden`` when given
         convs, ssms = [], []
         for i, layer in enumerate(self.layers):
             x, conv, ssm = layer(x, state.conv[i], state.ssm[i])
             convs.append(conv)
             ssms.append(ssm)
             if hidden is not None:
-                hidden[i].append(x)
+                hidden.append(x)
         return x, MambaState(stack_layers(convs), stack_layers(ssms))

@@ -67,7 +67,7 @@ def render(info: dict) -> str:
         ]
         p = info["parity"]
         lines.append("  parity:    " + ("not verified" if p is None else
-                     f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.3g}, NMSE {p['nmse_db']:.1f} dB, top-1 {p['top1_agreement']:.3f})"))
+                     f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.3g}, NMSE {_db(p['nmse_db'])}, top-1 {p['top1_agreement']:.3f})"))
     else:
         lines += [
             f"  format:    {info['format']}" + (f" ({info['architecture']})" if info["architecture"] else ""),
@@ -76,6 +76,11 @@ def render(info: dict) -> str:
             f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",
         ]
     return "\n".join(lines)
+
+
+def _db(nmse: float | None) -> str:
+    """parity.json's NMSE: None means identical outputs (see parity/metrics.py)."""
+    return "exact" if nmse is None else f"{nmse:.1f} dB"
 
 
 def _counts(kinds: list[str]) -> str:

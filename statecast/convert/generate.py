@@ -7,42 +7,25 @@ from typing import Callable
 
 import torch
 
-from ..errors import StatecastError
-from ..runtime.text import TextStream, prompt_ids_of
+from ..runtime.text import TextStream, decode, prompt_ids_of
 from .loading import load_model, load_tokenizer
 
 
-def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """One token id from ``logits [V]``: argmax, or nucleus sampling at ``temperature``."""
-    if greedy or temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    sorted_p, order = probs.sort(descending=True)
-    keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
-    sorted_p = sorted_p * keep
-    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
-    return int(order[choice])
-
-
 @torch.inference_mode()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = (),
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-    if not prompt_ids:
-        raise StatecastError("the prompt is empty")
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
+    """Prefill ``prompt_ids`` with the whole-sequence path, then one step per new token; the new
+    ids. ``sampling``: the keywords of :func:`statecast.runtime.text.decode` (greedy by default;
+    ``temperature``, ``top_p``, ``seed``, ``stop_ids``, ``on_token``), the loop and sampler the
+    ONNX runtime uses too, so a seed gives the same tokens in both."""
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits, state = model(torch.tensor([prompt_ids], device=device))
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        tok = sample_next(logits[0, -1].float().cpu(), greedy, temperature, top_p, gen)
-        new.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if tok in stop_ids or len(new) == max_new_tokens:
-            break
-        logits, state = model(torch.tensor([[tok]], device=device), state)
-    return new
+    state = None
+
+    def feed(ids: list[int]):
+        nonlocal state
+        logits, state = model(torch.tensor([ids], device=device), state)
+        return logits[0, -1].float().cpu().numpy()  # [V]
+
+    return decode(feed, lambda tok: feed([tok]), prompt_ids, max_new_tokens, **sampling)
 
 
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,

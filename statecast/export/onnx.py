@@ -35,7 +35,6 @@ onnxruntime's contrib ``MoE`` op.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shutil
 import warnings
@@ -48,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..arch.layers import LayerStack, MoE
+from ..arch.layers import LayerStack
 from ..checkpoints.layout import atomic_directory, open_unified
 from ..checkpoints.readers import dtype_name
 from ..convert.generate import generate_ids
@@ -56,10 +55,20 @@ from ..convert.loading import load_model
 from ..errors import ParityFailed, StatecastError
 from ..families import FAMILIES
 from ..families.record import StateField
-from ..parity.verify import kl_per_position
+from ..parity.metrics import (
+    GREEDY_PROMPT,
+    GREEDY_TOKENS,
+    PARITY_SEED,
+    compare_logits,
+    failed,
+    json_metric,
+    judge,
+    random_ids,
+    show,
+)
 from ..runtime.ort import BATCH, DESCRIPTION, FORMAT, PAST, SEQUENCE, TOTAL, OnnxModel, provider_name
 from .onnx_moe import DOMAIN as MOE_DOMAIN
-from .onnx_moe import expand_moe
+from .onnx_moe import TracedMoE, expand_moe, swap_moe
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 # the dtype of the PyTorch model traced for each export dtype (int8 quantizes the fp32 graph)
@@ -82,21 +91,21 @@ QUANTIZATION = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_t
                 "keep_float": ["/router/"]}
 
 
-# Parity thresholds by export dtype, against the float32 PyTorch model: max_abs_diff and
-# kl_mean are upper bounds, top1_agreement a lower bound; None = recorded, not judged.
-# fp32 as verify's float32 row. fp16 and int8 change every logit a little, so they are judged
-# on the distribution (KL) and the argmax, not on absolute logits; int8's bounds catch a
-# broken quantization (KL of nats, argmax near chance), not a quality target: the parity
-# input is random tokens, whose next-token distributions are flat, so the argmax flips easily.
+# Parity bounds by export dtype, against the float32 PyTorch model (metrics and judging:
+# parity/metrics.py; None = recorded, not judged). fp32 is judged relative to the logits'
+# spread, never by an absolute bound: a full-size default-init Mamba (24 x 768, vocab 50280),
+# exported correctly, differs from PyTorch by max_abs_diff 7.6e-3 at logit_scale 2.8
+# (rel_max_abs_diff 2.7e-3), nmse -70.9 dB, kl_mean 3.0e-7, top-1 1.0 (transformers' own
+# export of such a checkpoint by 9e-3); the bounds leave 4x to 30x room. fp16 and int8 change every logit a little, so
+# they are judged on the distribution (KL) and the argmax; int8's bounds catch a broken
+# quantization (KL of nats, argmax near chance), not a quality target: the parity input is
+# random tokens, whose next-token distributions are flat, so the argmax flips easily.
 THRESHOLDS: dict[str, dict[str, float | None]] = {
-    "fp32": {"max_abs_diff": 2e-3, "top1_agreement": 0.999, "kl_mean": 1e-6},
-    "fp16": {"max_abs_diff": None, "top1_agreement": 0.97, "kl_mean": 5e-3},
-    "int8": {"max_abs_diff": None, "top1_agreement": 0.80, "kl_mean": 5e-2},
+    "fp32": {"rel_max_abs_diff": 1e-2, "nmse_db": -60.0, "top1_agreement": 0.999, "kl_mean": 1e-5},
+    "fp16": {"rel_max_abs_diff": None, "top1_agreement": 0.97, "kl_mean": 5e-3},
+    "int8": {"rel_max_abs_diff": None, "top1_agreement": 0.80, "kl_mean": 5e-2},
 }
-UPPER, LOWER = ("max_abs_diff", "kl_mean"), ("top1_agreement",)
-PARITY_SHAPE, PARITY_SEED = (2, 64), 1234  # a fixed random [B, T] sequence
 PARITY_CHUNKS = (20, 1, 27, 16)  # chunked prefill (dynamic-T graphs): an empty past, then P > 0, T = 1 inside
-GREEDY_PROMPT, GREEDY_TOKENS = 8, 32
 
 
 # --------------------------------------------------------------------------- graph I/O
@@ -285,7 +294,7 @@ def describe(model: nn.Module, um, slots: list[Slot], dtype: str, dynamic_length
         "eos_token_id": hf.get("eos_token_id"),
         "tokenizer": tokenizer,
         "genai_config": None,
-        "moe_op": next((m.export_op for m in model.modules() if isinstance(m, MoE)), None),  # None: no experts
+        "moe_op": next((m.op for m in model.modules() if isinstance(m, TracedMoE)), None),  # None: no experts
         "parity": PARITY_FILE,
     }
 
@@ -337,6 +346,12 @@ def genai_config(desc: dict, um) -> dict | None:
 # --------------------------------------------------------------------------- parity
 
 
+def parity_line(p: dict) -> str:
+    """The check's headline numbers for a person (a report or an export summary's ``parity``)."""
+    return (f"max_abs_diff {p['max_abs_diff']:.3g} (relative {show(p['rel_max_abs_diff'], '.3g')}), "
+            f"nmse {show(p['nmse_db'], '.1f')} dB, top1 {p['top1_agreement']:.4f}, kl_mean {p['kl_mean']:.3g}")
+
+
 def _feed(ort_model: OnnxModel, ids: Tensor, chunks: tuple[int, ...], bar) -> Tensor:
     """ids [B, T] through onnxruntime in calls of ``chunks`` tokens from the empty state -> logits [B, T, V] float64."""
     state = ort_model.init_state(ids.shape[0])
@@ -349,27 +364,6 @@ def _feed(ort_model: OnnxModel, ids: Tensor, chunks: tuple[int, ...], bar) -> Te
     return torch.cat(out, 1)
 
 
-def _metrics(ours: Tensor, ref: Tensor) -> dict:
-    """max/mean |diff|, KL(ref || ours) mean/max, top-1 agreement over all positions of [B, T, V] logits."""
-    diff = (ours - ref).abs()
-    kl = kl_per_position(ours, ref)
-    return {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).double().mean()),
-        "n_positions": int(kl.numel()),
-    }
-
-
-def _judge(metrics: dict, thresholds: dict) -> dict[str, bool]:
-    checks = {k: metrics[k] <= v for k, v in thresholds.items() if k in UPPER and v is not None}
-    checks.update({k: metrics[k] >= v for k, v in thresholds.items() if k in LOWER and v is not None})
-    checks["finite"] = all(math.isfinite(metrics[k]) for k in ("max_abs_diff", "kl_mean", "kl_max"))
-    return checks
-
-
 @torch.inference_mode()
 def check_parity(export_dir: Path, reference: nn.Module, dtype: str, provider: str = "cpu", progress: bool = False) -> dict:
     """Run the export in onnxruntime (through :class:`OnnxModel`, as users do) against the
@@ -379,8 +373,8 @@ def check_parity(export_dir: Path, reference: nn.Module, dtype: str, provider: s
     from tqdm import tqdm
 
     ort_model = OnnxModel(export_dir, provider=provider)
-    B, T = PARITY_SHAPE
-    ids = torch.randint(0, ort_model.vocab_size, (B, T), generator=torch.Generator().manual_seed(PARITY_SEED))
+    ids = random_ids(ort_model.vocab_size)
+    B, T = ids.shape
     ref = reference(ids)[0].double()  # [B, T, V]
     runs = {"steps": (1,) * T}
     if ort_model.sequence_length == "dynamic":
@@ -392,25 +386,26 @@ def check_parity(export_dir: Path, reference: nn.Module, dtype: str, provider: s
             ours = _feed(ort_model, ids, chunks, bar)
             logits.append(ours)
             calls = f"{len(chunks)} x 1" if set(chunks) == {1} else "+".join(map(str, chunks))
-            results[name] = {"tokens_per_call": calls, **_metrics(ours, ref)}
-    metrics = _metrics(torch.cat(logits, 1), ref.repeat(1, len(runs), 1))
+            results[name] = {"tokens_per_call": calls, **compare_logits([(ours, ref)])}
+    metrics = compare_logits([(ours, ref) for ours in logits])
     prompt = ids[0, :GREEDY_PROMPT].tolist()
     greedy_torch = generate_ids(reference, prompt, GREEDY_TOKENS)
     greedy_onnx = ort_model.generate(prompt, GREEDY_TOKENS)
     thresholds = THRESHOLDS[dtype]
-    checks = _judge(metrics, thresholds)
+    checks = judge(metrics, thresholds)
     import onnxruntime
 
     return {
         "passed": all(checks.values()),
         "dtype": dtype,
         "provider": provider,
-        **metrics,
+        **{k: json_metric(v) for k, v in metrics.items()},
         "greedy_agreement": sum(a == b for a, b in zip(greedy_torch, greedy_onnx)) / GREEDY_TOKENS,
         "greedy": {"prompt": prompt, "torch": greedy_torch, "onnx": greedy_onnx},
-        "runs": results,
+        "runs": {name: {k: json_metric(v) for k, v in run.items()} for name, run in results.items()},
         "reference": "statecast PyTorch model, float32",
         "inputs": f"random {B}x{T} seed {PARITY_SEED}",
+        "written_despite_failure": False,
         "thresholds": thresholds,
         "checks": checks,
         "onnxruntime": onnxruntime.__version__,
@@ -429,13 +424,15 @@ def default_out(model_path: str | Path, dtype: str) -> Path:
 
 def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | None = None, force: bool = False,
                 provider: str = "cpu", progress: Callable[[str], None] | None = None,
-                external_data_bytes: int = EXTERNAL_DATA_BYTES, moe_op: str = "standard") -> dict:
+                external_data_bytes: int = EXTERNAL_DATA_BYTES, moe_op: str = "standard",
+                allow_parity_failure: bool = False) -> dict:
     """Export the converted model at ``model_path`` to ONNX (see the module docstring), check it
     in onnxruntime, and move it into place only if the check passed (:class:`ParityFailed`,
     exit 1, otherwise; nothing is left behind). Returns a summary dict (``--json``).
 
     ``moe_op``: how a mixture of experts is written (:data:`MOE_OPS`); models without one
-    ignore it."""
+    ignore it. ``allow_parity_failure``: write the graph even when the check fails, the
+    failure recorded in its ``parity.json`` (``written_despite_failure``) and the summary."""
     if dtype not in ONNX_DTYPES:
         raise StatecastError(f"unknown --dtype {dtype!r} for ONNX; choose {', '.join(ONNX_DTYPES)}")
     if moe_op not in MOE_OPS:
@@ -448,9 +445,7 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
     model = reference if TRACE_DTYPE[dtype] == "float32" else load_model(um, dtype=TRACE_DTYPE[dtype])[0]
     family = FAMILIES[um.family]
     slots = state_slots(model, family.state)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.export_op = moe_op
+    swap_moe(model, moe_op)  # each MoE layer traced as one node; eager (the parity reference) as before
     dynamic_length = family.onnx_dynamic_length
     with atomic_directory(out, force=force) as tmp:
         scratch = tmp / ".trace"
@@ -475,18 +470,18 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
         (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
         say(f"parity check in onnxruntime ({provider})")
         report = check_parity(tmp, reference, dtype, provider=provider, progress=progress is not None)
+        report["written_despite_failure"] = not report["passed"] and allow_parity_failure
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if not report["passed"]:
-            failed = [k for k, ok in report["checks"].items() if not ok]
+        if not report["passed"] and not allow_parity_failure:
             raise ParityFailed(
-                f"ONNX parity FAILED ({', '.join(failed)}): max_abs_diff {report['max_abs_diff']:.3g}, top1 "
-                f"{report['top1_agreement']:.3f}, kl_mean {report['kl_mean']:.3g} vs thresholds {report['thresholds']}; "
-                "nothing was written")
+                f"ONNX parity FAILED ({', '.join(failed(report['checks']))}): {parity_line(report)} vs thresholds "
+                f"{report['thresholds']}; nothing was written (--allow-parity-failure writes it anyway)")
     files = sorted(p.name for p in out.iterdir())
     return {
         "path": str(out), "format": "onnx", "family": um.family, "dtype": dtype, "graph": GRAPH_FILE,
         "external_data": external, "bytes": sum((out / f).stat().st_size for f in (GRAPH_FILE, external) if f),
         "sequence_length": desc["sequence_length"], "inputs": len(desc["inputs"]), "outputs": len(desc["outputs"]),
         "genai_config": desc["genai_config"], "moe_op": desc["moe_op"], "files": files,
-        "parity": {k: report[k] for k in ("passed", "max_abs_diff", "top1_agreement", "kl_mean", "greedy_agreement", "provider")},
+        "parity": {k: report[k] for k in ("passed", "written_despite_failure", "max_abs_diff", "rel_max_abs_diff", "nmse_db",
+                                          "top1_agreement", "kl_mean", "greedy_agreement", "provider")},
     }

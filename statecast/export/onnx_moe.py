@@ -1,11 +1,15 @@
-"""Rewrite the exporter's ``statecast.MoE`` placeholder nodes into standard ONNX ops.
+"""A mixture of experts as the exporter writes it: each ``layers.MoE`` traced as one node
+(:func:`swap_moe`, before tracing), and the rewrite of ``statecast.MoE`` nodes into standard
+ONNX ops (:func:`expand_moe`, after it).
 
 Dimension letters: N tokens (B * T), C d_model, F d_ffn, X experts, k chosen per token.
 
-A traced MoE layer is one node, ``statecast.MoE(x [N, C], logits [N, X], gate [X, F, C],
-up [X, F, C], down [X, C, F])`` with attributes ``k`` and ``normalize`` (``layers.MoE``
-with ``export_op="standard"``). :func:`expand_moe` replaces each with the routing of
-``layers.top_k_route`` and one ``If`` per expert:
+A :class:`TracedMoE` layer traces as the router's MatMul and one node, by the exporter's
+``--moe-op``:
+  * ``"standard"``: ``statecast.MoE(x [N, C], logits [N, X], gate [X, F, C], up [X, F, C],
+    down [X, C, F])`` with attributes ``k`` and ``normalize``, a placeholder that no runtime
+    runs. :func:`expand_moe` replaces each with the routing of ``layers.top_k_route`` and
+    one ``If`` per expert:
 
     probs   = Softmax(float32(logits))                  [N, X]
     w, idx  = TopK(probs, k)  (w / sum w if normalize)  [N, k]
@@ -14,20 +18,108 @@ with ``export_op="standard"``). :func:`expand_moe` replaces each with the routin
     y_e     = If(chosen[e], dense[:, e] * down_e(silu(gate_e x) * up_e x), 0)   [N, C]
     y       = Sum(y_0 .. y_{X-1})
 
-Each expert's matrices stay in place as MatMul weights inside its branch, so a decode
-step reads only the chosen experts' bytes (the gathered form copies them per token), and
-int8 quantization reaches them like any other MatMul. A batch computes each chosen
-expert for all of its tokens (the others with weight 0): small batches are bound by
-weight reads, which this keeps at the union of the chosen experts.
+    Each expert's matrices stay in place as MatMul weights inside its branch, so a decode
+    step reads only the chosen experts' bytes (the gathered form copies them per token), and
+    int8 quantization reaches them like any other MatMul. A batch computes each chosen
+    expert for all of its tokens (the others with weight 0): small batches are bound by
+    weight reads, which this keeps at the union of the chosen experts.
+  * ``"com.microsoft"``: onnxruntime's contrib ``MoE(x, logits, fc1, bias1, fc2)``
+    (contrib_defs.cc ``MoE``: softmax over the router logits, top-k, optional
+    renormalisation, SwiGLU experts with gate and up rows interleaved in one ``fc1``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, nn
+
+from ..arch.layers import MoE, gathered_experts, top_k_route
 
 DOMAIN = "statecast"
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _MoENode(torch.autograd.Function):
+    """A MoE layer as one node of a traced graph, by ``op`` (:class:`TracedMoE`): ``statecast.MoE(x,
+    logits, gate, up, down)`` or ``com.microsoft.MoE(x, logits, fc1, bias1, fc2)``. Its value
+    while tracing (which the tracer runs, not records) is the same sum through
+    ``layers.gathered_experts``."""
+
+    @staticmethod
+    def forward(ctx, x, logits, w1, w2, w3, k: int, normalize: int, op: str):
+        weights, index = top_k_route(logits, k, bool(normalize))
+        gate, up = (w1, w2) if op == "standard" else (w1[:, 0::2], w1[:, 1::2])  # fc1 interleaves g, u rows
+        return gathered_experts(x, weights.to(x.dtype), index, gate, up, w3, F.silu)
+
+    @staticmethod
+    def symbolic(g, x, logits, w1, w2, w3, k: int, normalize: int, op: str):
+        if op == "standard":
+            out = g.op(f"{DOMAIN}::MoE", x, logits, w1, w2, w3, k_i=k, normalize_i=normalize)
+        else:
+            out = g.op("com.microsoft::MoE", x, logits, w1, w2, w3, k_i=k, activation_type_s="swiglu",
+                       swiglu_fusion_i=1, activation_alpha_f=1.0, activation_beta_f=0.0, normalize_routing_weights_i=normalize)
+        out.setType(x.type())  # [N, C] like x: the exporter cannot infer a custom op's shape
+        return out
+
+
+class TracedMoE(nn.Module):
+    """``moe`` (a ``layers.MoE``) as the exporter traces it: one node per layer, by ``op``
+    (``"standard"`` or ``"com.microsoft"``, see the module doc). Outside tracing it is
+    ``moe`` itself (its grouped / gathered paths), so a model swapped for export still
+    serves as the parity reference."""
+
+    def __init__(self, moe: MoE, op: str):
+        super().__init__()
+        if op not in ("standard", "com.microsoft"):
+            raise ValueError(f"unknown MoE op {op!r}")
+        if moe.act_name != "silu":  # both nodes compute SwiGLU experts
+            raise ValueError(f"ONNX export of a MoE computes silu-gated experts, not {moe.act_name!r}")
+        self.op, self.top_k, self.normalize = op, moe.top_k, int(moe.normalize)
+        # moe's router and expert tables, shared, under moe's own names: the swapped model's
+        # module paths and parameter names are the original's, and so are the traced graph's
+        # node and initializer names (the int8 quantizer keeps ".../moe/router/MatMul" float by
+        # its "/router/"; expand_moe names the per-expert matrices after the tables)
+        self.router, self.gate, self.up, self.down = moe.router, moe.gate, moe.up, moe.down
+        self.eager = moe.forward  # a bound method, not a submodule: moe's parameters keep one name each
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_tracing():  # torch.onnx.export's TorchScript path is the one traced
+            return self.eager(x)
+        B, T, C = x.shape
+        return self._node(x.reshape(B * T, C)).view(B, T, C)
+
+    def _node(self, x: Tensor) -> Tensor:
+        """x [N, C] -> [N, C] as the router's MatMul and one node."""
+        logits = self.router(x)  # [N, X]: an ordinary MatMul in the graph
+        if self.op == "standard":
+            return _MoENode.apply(x, logits, self.gate, self.up, self.down, self.top_k, self.normalize, self.op)
+        X, F_, C = self.gate.shape
+        fc1 = torch.stack([self.gate, self.up], 2).reshape(X, 2 * F_, C)  # rows g0, u0, g1, u1, ...
+        bias1 = torch.zeros(X, 2 * F_, dtype=x.dtype)  # a placeholder: fc2's slot comes after it
+        return _MoENode.apply(x, logits, fc1, bias1, self.down, self.top_k, self.normalize, self.op)
+
+
+def swap_moe(model: nn.Module, op: str) -> nn.Module:
+    """Replace every ``layers.MoE`` of ``model`` (in place, at the same module path) by a
+    :class:`TracedMoE` writing ``op``; returns ``model``. The exporter calls this before
+    tracing: the architecture code knows nothing of ONNX ops."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MoE):
+                setattr(parent, name, TracedMoE(child, op))
+    return model
+
+
+# --------------------------------------------------------------------------- the If rewrite
 
 
 def _branch(name: str, nodes: list, out: str, elem_type: int) -> onnx.GraphProto:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import StatecastError
-from .text import TextStream, prompt_ids_of, sample_next, tokenizer_in
+from .text import TextStream, decode, prompt_ids_of, tokenizer_in
 
 FORMAT = "statecast-onnx/1"
 DESCRIPTION = "statecast.json"
@@ -203,26 +203,18 @@ class OnnxModel:
             logits, state = self.run(ids[:, t : t + 1], state)
         return logits[:, -1], state
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = (),
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Prefill ``prompt_ids``, then one call per new token; the new ids (as the torch
-        ``generate_ids``: greedy by default, nucleus sampling with ``temperature``/``top_p``)."""
-        if not prompt_ids:
-            raise StatecastError("the prompt is empty")
-        rng = np.random.default_rng(seed)
-        logits, state = self.prefill(np.asarray([prompt_ids], dtype=np.int64))
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            tok = sample_next(logits[0], greedy, temperature, top_p, rng)
-            new.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if tok in stop_ids or len(new) == max_new_tokens:
-                break
-            logits, state = self.prefill(np.asarray([[tok]], dtype=np.int64), state)
-        return new
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
+        """Prefill ``prompt_ids``, then one call per new token; the new ids. ``sampling``: the
+        keywords of :func:`statecast.runtime.text.decode` (greedy by default; ``temperature``,
+        ``top_p``, ``seed``, ``stop_ids``, ``on_token``), the loop the PyTorch runtime uses too."""
+        state = None
 
+        def feed(ids: list[int]) -> np.ndarray:
+            nonlocal state
+            logits, state = self.prefill(np.asarray([ids], dtype=np.int64), state)
+            return logits[0]
+
+        return decode(feed, lambda tok: feed([tok]), prompt_ids, max_new_tokens, **sampling)
 
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,

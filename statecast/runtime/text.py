@@ -1,4 +1,6 @@
-"""Prompt parsing, sampling and text streaming shared by both runtimes; numpy only (no torch)."""
+"""Prompt parsing, the sampler, the decode loop and text streaming: one of each for both
+runtimes (PyTorch and ONNX), so the same ``--seed`` gives the same tokens in either. numpy
+only (no torch): the PyTorch runtime hands its logits over as numpy arrays."""
 
 from __future__ import annotations
 
@@ -58,6 +60,30 @@ def sample_next(logits: np.ndarray, greedy: bool, temperature: float, top_p: flo
     sorted_p = sorted_p * (np.cumsum(sorted_p) - sorted_p < top_p)
     rng = rng if rng is not None else np.random.default_rng()
     return int(order[rng.choice(len(sorted_p), p=sorted_p / sorted_p.sum())])
+
+
+def decode(start: Callable[[list[int]], np.ndarray], step: Callable[[int], np.ndarray], prompt_ids: list[int],
+           max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+           seed: int | None = None, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
+    """The decode loop of both runtimes: ``start(prompt_ids)`` ingests the prompt and returns the
+    last position's logits [V]; ``step(token)`` feeds one token and returns the next logits [V]
+    (each runtime keeps its state in the closures). Samples with :func:`sample_next` from a
+    numpy generator seeded with ``seed``; stops after ``max_new_tokens`` or a token in ``stop_ids``.
+    Returns the new ids."""
+    if not prompt_ids:
+        raise StatecastError("the prompt is empty")
+    rng = np.random.default_rng(seed)
+    logits = start(prompt_ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits, greedy, temperature, top_p, rng)
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in stop_ids or len(new) == max_new_tokens:
+            break
+        logits = step(tok)
+    return new
 
 
 class TextStream:
