@@ -24,8 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Every script in bench/ at its --quick sizes (FULL=1: the full sizes, far longer);
+# results in bench/out/results.json and .md. The bench extra adds the baselines and plots
+# (rwkv, matplotlib) on top of the pinned torch, which pip leaves as it is.
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) bench/run_all.py $(if $(FULL),--full,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

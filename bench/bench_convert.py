@@ -1,6 +1,6 @@
 """Benchmark ``convert pull`` against ``cp -r`` of the same Hub-format directory.
 
-    .venv/bin/python bench/bench_convert.py [--quick] [--json] [--keep DIR] [--rounds N]
+    .venv/bin/python bench/bench_convert.py [--quick] [--json] [--threads N] [--keep DIR] [--rounds N]
 
 Setup (not timed): a randomly initialised transformers ``RwkvForCausalLM`` of the
 RWKV-4 169M shape (float32, ~680 MB; ``--quick``: a tiny shape) saved with
@@ -35,7 +35,6 @@ MB here means 10**6 bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -45,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import base_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -57,18 +58,19 @@ SPEED_TARGET = 0.5  # cp_time / convert_time
 RSS_SLACK_MB = 400.0  # peak - baseline <= 2 x largest tensor + this
 
 # Run in a fresh interpreter: import, say "ready", wait for "go", optionally pull, then report
-# timings and our own peak RSS as JSON on the last line of stdout.
+# timings and our own peak RSS as JSON on the last line of stdout. argv: threads, mode[, src, dst].
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
 import statecast.convert.pull as P
 res = {"import_s": time.perf_counter() - t0}
+torch.set_num_threads(int(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()
-if sys.argv[1] == "pull":
+if sys.argv[2] == "pull":
     t1 = time.perf_counter()
-    info = P.pull(sys.argv[2], out=sys.argv[3], progress=False)
+    info = P.pull(sys.argv[3], out=sys.argv[4], progress=False)
     res["pull_s"] = time.perf_counter() - t1
     res["n_params"] = info["n_params"]
 res["self_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -177,12 +179,12 @@ def settle(*paths: Path) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
-def run_child(args: list[str], before_go=lambda: None) -> dict:
+def run_child(args: list[str], threads: int, before_go=lambda: None) -> dict:
     """Run CHILD in a fresh interpreter; returns its JSON plus peak RSS (kB).
 
     ``before_go`` runs once the child has imported everything, just before it starts.
     """
-    cmd = [sys.executable, "-c", CHILD, *args]
+    cmd = [sys.executable, "-c", CHILD, str(threads), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     use_time = os.access(GNU_TIME, os.X_OK)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, tempfile.TemporaryFile("w+") as err:
@@ -218,7 +220,7 @@ def summarise(xs: list[float]) -> dict:
     return {"best": min(xs), "median": statistics.median(xs), "all": xs}
 
 
-def bench(work: Path, quick: bool, rounds: int) -> dict:
+def bench(work: Path, quick: bool, rounds: int, threads: int) -> dict:
     shape = QUICK if quick else FULL
     src = work / "src"
     if source_ready(src, shape):
@@ -237,7 +239,7 @@ def bench(work: Path, quick: bool, rounds: int) -> dict:
 
     busy_before = cpu_busy()
     sha_rate = sha256_rate()
-    base = run_child(["baseline"])
+    base = run_child(["baseline"], threads)
     cp_dst, pull_dst = work / "out-cp", work / "out-pull"
     cp_s, pull_s, e2e_s, rss_kb = [], [], [], []
     for r in range(rounds):
@@ -251,7 +253,7 @@ def bench(work: Path, quick: bool, rounds: int) -> dict:
                 cp_s.append(time_cp(src, cp_dst))
                 log(f"round {r + 1}/{rounds}: cp -r    {cp_s[-1]:.3f}s")
             else:
-                res = run_child(["pull", str(src), str(pull_dst)], before_go=lambda: settle(cp_dst, pull_dst))
+                res = run_child(["pull", str(src), str(pull_dst)], threads, before_go=lambda: settle(cp_dst, pull_dst))
                 pull_s.append(res["pull_s"])
                 e2e_s.append(res["import_s"] + res["pull_s"])
                 rss_kb.append(res["maxrss_kb"])
@@ -266,9 +268,11 @@ def bench(work: Path, quick: bool, rounds: int) -> dict:
     rss_limit = 2 * largest / MB + RSS_SLACK_MB
     ratio_best, ratio_med = cp_best / pull_best, cp_med / pull_med
     return {
+        "bench": "convert",
         "shape": shape,
         "quick": quick,
         "rounds": rounds,
+        "threads": threads,
         "cpus": os.cpu_count(),
         "cpu_busy_before": busy_before,
         "page_cache": "warm: source files read once before timing; previous outputs deleted and sync'd before each run",
@@ -340,11 +344,12 @@ def table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny model instead of the 169M shape")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    # the other scripts' common flags (run_all.py passes --threads to every script); --quick
+    # here means a tiny model, and a "repeat" is one interleaved round
+    ap = base_args(__doc__.splitlines()[0])
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (the source checkpoint is reused next time)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--rounds", dest="repeats", type=int, default=None, metavar="N",
+                    help="interleaved rounds (default 5; the same as --repeats)")
     args = ap.parse_args(argv)
 
     if args.keep:
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         work = Path(tempfile.mkdtemp(prefix="statecast-bench-convert-"))
     try:
-        result = bench(work, args.quick, max(1, args.rounds))
+        result = bench(work, args.quick, max(1, args.repeats or 5), args.threads)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -627,6 +628,10 @@ def main() -> None:
     p.add_argument("--reuse-results", action="store_true",
                    help="take a family's results from the last run that finished it (OUT/results-SHAPE.json)")
     args = p.parse_args()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # said now rather than only after the run; the run goes on, the plot will fail at the end
+        log("matplotlib is not installed (pip install -e '.[bench]'): the tables and JSON will be written, "
+            f"{args.plot} will not")
     threads = set_threads(args.threads)
     for fam in FAMILIES.values():  # import every model's code now, then hash it (code_hash)
         fam.model_classes()
@@ -647,19 +652,29 @@ def main() -> None:
             continue
         results[shape] = bench_family(shape, args, root, threads)
         saved.write_text(json.dumps(results[shape], indent=2, default=_json_default) + "\n")
-    if args.plot:
-        plot(results, args.positions, Path(args.plot), threads)
-        log(f"wrote {args.plot}")
     import onnxruntime
 
     out = {"bench": "onnx", "positions": args.positions, "threads": threads, "repeats": args.repeats,
            "calls_per_sample": args.calls, "steps": args.steps, "results": results,
            "targets": targets(results, args.positions), "onnxruntime": onnxruntime.__version__,
-           "env": environment()}
+           "env": environment(), "plot": args.plot}
+    # Everything is saved and printed before the plot is attempted: a full run takes minutes
+    # and a missing or broken matplotlib must not cost its timings.
+    summary = root / f"results{'-quick' if args.quick else ''}.json"
+    summary.write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
+    log(f"wrote {summary}")
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # --json: tables on stderr
         print_results(results, args.positions, threads, args.repeats, args.calls)
         print(f"\n  {environment()['processor']}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     emit(out, args.json)
+    sys.stdout.flush()
+    if args.plot:
+        try:
+            plot(results, args.positions, Path(args.plot), threads)
+        except Exception as e:  # noqa: BLE001 - any failure of the plot is reported the same way
+            print(f"bench_onnx: plot {args.plot} not written: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
+        log(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

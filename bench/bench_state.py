@@ -19,6 +19,9 @@ No wall-clock threshold is asserted; the claim under test is the ratio of state 
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 from common import SHAPES, base_args, emit, environment, print_table, set_threads, time_fn
 
@@ -71,11 +74,19 @@ def measure(model, P: int, repeats: int) -> dict:
 
 def main() -> None:
     p = base_args(__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", default="1024,8192,32768,131072", help="comma-separated context lengths")
+    p.add_argument("--contexts", default=None,
+                   help="comma-separated context lengths (default 1024,8192,32768,131072; quick 1024,4096)")
     args = p.parse_args()
     threads = set_threads(args.threads)
-    contexts = [1024, 4096] if args.quick else [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in (args.contexts or ("1024,4096" if args.quick else "1024,8192,32768,131072")).split(",")]
     repeats = args.repeats or (2 if args.quick else 3)
+    # --json: stdout carries the JSON alone (run_all.py parses it); progress and table go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        results = run(contexts, repeats, threads)
+    emit({"bench": "state", "threads": threads, "environment": environment(), "results": results}, args.json)
+
+
+def run(contexts: list[int], repeats: int, threads: int) -> dict:
     rows, results = [], {}
     for shape in MODELS:
         model = build(shape)
@@ -101,7 +112,7 @@ def main() -> None:
                f"llama-16l {results['llama-16l']['n_params'] / 1e6:.0f}M",
                "state bytes: the tensors a real step returned; equal to the formula in every row"],
     )
-    emit({"environment": environment(), "results": results}, args.json)
+    return results
 
 
 if __name__ == "__main__":

@@ -318,11 +318,6 @@ def _fuse_experts(state: dict) -> dict:
     return out
 
 
-def rwkv_pair(seed: int = 0, **dims):
-    """``model_pair("rwkv-169m")`` with other dimensions."""
-    return model_pair("rwkv-169m", seed, **dims)
-
-
 def gemm_shapes(model, T: int) -> list[tuple[str, int, int, int, int]]:
     """The matrix products of one forward over T tokens (batch 1): (what, batch, m, k, n).
 

@@ -18,6 +18,3 @@ class ParityFailed(StatecastError):
 
     exit_code = 1
 
-
-def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
-    raise StatecastError(message)

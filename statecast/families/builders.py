@@ -60,6 +60,20 @@ def spread_weights(model: torch.nn.Module, seed: int, keep: tuple[str, ...] = ()
             p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
 
 
+def seeded_checkpoint(out: Path, make_model, *, seed: int, vocab: int, fmt: str = "safetensors", shard: str | None = None,
+                      dtype: torch.dtype | None = None, spread: bool = True, keep: tuple[str, ...] = ()) -> Path:
+    """A demo checkpoint in Hub format: the tokenizer trained to ``vocab`` ids,
+    ``make_model(vocab_size)`` built under ``torch.manual_seed(seed)`` (the library's own class
+    and init), its weights spread to trained-like magnitudes (:func:`spread_weights`, leaving
+    ``keep`` alone) unless ``spread`` is False, saved by :func:`save_checkpoint`."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab)
+    model = make_model(tok.get_vocab_size())
+    if spread:
+        spread_weights(model, seed, keep=keep)
+    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+
+
 def save_checkpoint(model, tok, out: Path, fmt: str, shard: str | None, dtype: torch.dtype | None) -> Path:
     from transformers.utils import logging as hf_logging
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import StatecastError
-from .builders import MAMBA_INIT, build_tokenizer, save_checkpoint, spread_weights
+from .builders import MAMBA_INIT, seeded_checkpoint
 from .mamba import MIXER_TENSORS, dt_rank_of
-from .record import KV_STATE, MAMBA_STATE, Demo, Family, HfArch
+from .record import KV_STATE, MAMBA_STATE, Demo, Family, HfArch, write_hf_config
 from .tables import Rule, SourceFormat
 
 _BCDT_NORMS = (("dt_layernorm", "dt_norm"), ("b_layernorm", "b_norm"), ("c_layernorm", "c_norm"))
@@ -96,43 +96,28 @@ def _period(kinds: list[str], kind: str, what: str) -> tuple[int, int]:
     raise StatecastError(f"the {what} layout {kinds} has no period/offset form; JambaForCausalLM cannot hold it")
 
 
+# config.json key -> unified key, for the fields that map one to one
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layer",
+             "num_attention_heads": "n_head", "num_key_value_heads": "n_kv_head", "intermediate_size": "d_ffn",
+             "num_experts_per_tok": "top_k", "mamba_d_state": "d_state", "mamba_d_conv": "d_conv", "mamba_dt_rank": "dt_rank",
+             "mamba_conv_bias": "conv_bias", "mamba_proj_bias": "proj_bias", "hidden_act": "act", "rms_norm_eps": "norm_eps",
+             "tie_word_embeddings": "tie_embeddings"}
+
+
 def hf_config(ucfg: dict, base: dict | None = None) -> dict:
     """A ``config.json`` for ``JambaForCausalLM``; ``base`` (the source's own config) keeps its other fields."""
-    d, n = ucfg["d_model"], ucfg["n_layer"]
+    d = ucfg["d_model"]
     if ucfg["head_dim"] * ucfg["n_head"] != d:
         raise StatecastError(f"JambaForCausalLM needs head_dim * n_head == d_model, got {ucfg['head_dim']} * {ucfg['n_head']} != {d}")
     if ucfg["d_inner"] % d:
         raise StatecastError(f"JambaForCausalLM needs d_inner a multiple of d_model, got {ucfg['d_inner']} and {d}")
-    cfg = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True})
     attn_period, attn_offset = _period(ucfg["layer_kinds"], "attention", "attention")
-    cfg.update(
-        architectures=["JambaForCausalLM"],
-        model_type="jamba",
-        vocab_size=ucfg["vocab_size"],
-        hidden_size=d,
-        num_hidden_layers=n,
-        num_attention_heads=ucfg["n_head"],
-        num_key_value_heads=ucfg["n_kv_head"],
-        intermediate_size=ucfg["d_ffn"],
-        attn_layer_period=attn_period,
-        attn_layer_offset=attn_offset,
-        num_experts=ucfg["n_experts"] if "moe" in ucfg["ffn_kinds"] else 1,
-        num_experts_per_tok=ucfg["top_k"],
-        mamba_d_state=ucfg["d_state"],
-        mamba_d_conv=ucfg["d_conv"],
-        mamba_expand=ucfg["d_inner"] // d,
-        mamba_dt_rank=ucfg["dt_rank"],
-        mamba_conv_bias=ucfg["conv_bias"],
-        mamba_proj_bias=ucfg["proj_bias"],
-        hidden_act=ucfg["act"],
-        rms_norm_eps=ucfg["norm_eps"],
-        tie_word_embeddings=ucfg["tie_embeddings"],
-    )
-    if "moe" in ucfg["ffn_kinds"]:
-        cfg["expert_layer_period"], cfg["expert_layer_offset"] = _period(ucfg["ffn_kinds"], "moe", "expert")
-    return cfg
-
-
+    moe = "moe" in ucfg["ffn_kinds"]
+    experts = dict(zip(("expert_layer_period", "expert_layer_offset"), _period(ucfg["ffn_kinds"], "moe", "expert"))) if moe else {}
+    return write_hf_config(ucfg, base, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True},
+                           "JambaForCausalLM", "jamba", HF_FIELDS, attn_layer_period=attn_period,
+                           attn_layer_offset=attn_offset, num_experts=ucfg["n_experts"] if moe else 1,
+                           mamba_expand=ucfg["d_inner"] // d, **experts)
 
 
 def build_hf_jamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, heads: int = 4,
@@ -143,17 +128,15 @@ def build_hf_jamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, 
     a tokenizer. ``extra`` goes to the config."""
     from transformers import JambaConfig, JambaForCausalLM
 
-    torch.manual_seed(seed)
-    tok = build_tokenizer(vocab)
-    cfg = JambaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32,
-                      num_experts=experts, num_experts_per_tok=top_k, attn_layer_period=attn_period,
-                      attn_layer_offset=attn_offset, expert_layer_period=expert_period, expert_layer_offset=expert_offset,
-                      mamba_d_state=state, mamba_expand=2, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
-                      pad_token_id=0, **extra)
-    model = JambaForCausalLM(cfg)
-    spread_weights(model, seed, keep=MAMBA_INIT)
-    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+    def make(vocab_size: int):
+        return JambaForCausalLM(JambaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32, num_experts=experts, num_experts_per_tok=top_k,
+            attn_layer_period=attn_period, attn_layer_offset=attn_offset, expert_layer_period=expert_period,
+            expert_layer_offset=expert_offset, mamba_d_state=state, mamba_expand=2, tie_word_embeddings=tied,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra))
+
+    return seeded_checkpoint(out, make, seed=seed, vocab=vocab, fmt=fmt, shard=shard, dtype=dtype, keep=MAMBA_INIT)
 
 
 FAMILY = Family(

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import StatecastError
-from .builders import MAMBA_INIT, build_tokenizer, save_checkpoint, spread_weights
-from .record import MAMBA_STATE, Demo, Family, HfArch, NativeFormat
+from .builders import MAMBA_INIT, seeded_checkpoint
+from .record import MAMBA_STATE, Demo, Family, HfArch, NativeFormat, write_hf_config
 from .references import HfReference
 from .tables import Rule, SourceFormat
 
@@ -68,28 +68,19 @@ def falcon_config_from_hf(cfg: dict) -> dict:
     return {**config_from_hf(cfg), "bcdt_norm": "rms", "bcdt_norm_eps": cfg.get("mixer_rms_eps", 1e-6)}
 
 
+# config.json key -> unified key, for the fields that map one to one
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layer",
+             "intermediate_size": "d_inner", "state_size": "d_state", "conv_kernel": "d_conv", "time_step_rank": "dt_rank",
+             "layer_norm_epsilon": "norm_eps", "use_bias": "proj_bias", "use_conv_bias": "conv_bias",
+             "residual_in_fp32": "residual_in_fp32", "tie_word_embeddings": "tie_embeddings"}
+
+
 def hf_config(ucfg: dict, base: dict | None = None, *, model_type: str = "mamba", architecture: str = "MambaForCausalLM") -> dict:
     """A ``config.json`` for ``MambaForCausalLM``; ``base`` (the source's own config) keeps its other fields."""
     d, d_inner = ucfg["d_model"], ucfg["d_inner"]
-    cfg = dict(base or {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True, "hidden_act": "silu"})
-    cfg.update(
-        architectures=[architecture],
-        model_type=model_type,
-        vocab_size=ucfg["vocab_size"],
-        hidden_size=d,
-        num_hidden_layers=ucfg["n_layer"],
-        intermediate_size=d_inner,
-        expand=d_inner // d if d_inner % d == 0 else d_inner / d,
-        state_size=ucfg["d_state"],
-        conv_kernel=ucfg["d_conv"],
-        time_step_rank=ucfg["dt_rank"],
-        layer_norm_epsilon=ucfg["norm_eps"],
-        use_bias=ucfg["proj_bias"],
-        use_conv_bias=ucfg["conv_bias"],
-        residual_in_fp32=ucfg["residual_in_fp32"],
-        tie_word_embeddings=ucfg["tie_embeddings"],
-    )
-    return cfg
+    defaults = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True, "hidden_act": "silu"}
+    return write_hf_config(ucfg, base, defaults, architecture, model_type, HF_FIELDS,
+                           expand=d_inner // d if d_inner % d == 0 else d_inner / d)
 
 
 def falcon_hf_config(ucfg: dict, base: dict | None = None) -> dict:
@@ -208,16 +199,13 @@ def build_hf_mamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, 
     """A seeded ``MambaForCausalLM`` (or ``FalconMambaForCausalLM``) in Hub format with a tokenizer."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
 
-    torch.manual_seed(seed)
-    tok = build_tokenizer(vocab)
     cfg_cls, model_cls = (FalconMambaConfig, FalconMambaForCausalLM) if falcon else (MambaConfig, MambaForCausalLM)
-    cfg = cfg_cls(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, state_size=state,
-                  tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = model_cls(cfg)
-    spread_weights(model, seed, keep=MAMBA_INIT)
-    return save_checkpoint(model, tok, out, fmt, shard, dtype)
 
+    def make(vocab_size: int):
+        return model_cls(cfg_cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, state_size=state,
+                                 tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
+    return seeded_checkpoint(out, make, seed=seed, vocab=vocab, fmt=fmt, shard=shard, dtype=dtype, keep=MAMBA_INIT)
 
 
 FAMILY = Family(

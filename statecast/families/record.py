@@ -49,6 +49,16 @@ KV_STATE = {"key": StateField("key", length_axis=2), "value": StateField("value"
 MAMBA_STATE = {"conv": StateField("conv_state"), "ssm": StateField("recurrent_state")}
 
 
+def write_hf_config(ucfg: dict, base: dict | None, defaults: dict, architecture: str, model_type: str,
+                    fields: dict[str, str], **extra) -> dict:
+    """A ``config.json`` for a Hub architecture: the source's own config (``base``, whose other
+    fields are kept) or ``defaults``, with the architecture, ``model_type``, every
+    ``fields`` entry (config.json key -> unified key) and ``extra`` (computed values) set."""
+    cfg = dict(base or defaults)
+    cfg.update(architectures=[architecture], model_type=model_type, **{k: ucfg[u] for k, u in fields.items()}, **extra)
+    return cfg
+
+
 @dataclass(frozen=True)
 class HfArch:
     """One Hugging Face architecture (a ``model_type``) that a family reads and writes.

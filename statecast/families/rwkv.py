@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import StatecastError
-from .builders import build_tokenizer, save_checkpoint
-from .record import Demo, Family, HfArch, NativeFormat, StateField
+from .builders import seeded_checkpoint
+from .record import Demo, Family, HfArch, NativeFormat, StateField, write_hf_config
 from .references import Reference
 from .tables import Rule, SourceFormat
 
@@ -134,21 +134,16 @@ def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None = No
     }
 
 
+# config.json key -> unified key, for the fields that map one to one
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layer",
+             "attention_hidden_size": "d_attn", "intermediate_size": "d_ffn", "layer_norm_epsilon": "norm_eps",
+             "tie_word_embeddings": "tie_embeddings"}
+
+
 def hf_config(ucfg: dict, base: dict | None = None) -> dict:
     """A ``config.json`` for ``RwkvForCausalLM``; ``base`` (the source's own config) keeps its other fields."""
-    cfg = dict(base or {"bos_token_id": 0, "eos_token_id": 0, "context_length": 1024, "rescale_every": 6, "use_cache": True})
-    cfg.update(
-        architectures=["RwkvForCausalLM"],
-        model_type="rwkv",
-        vocab_size=ucfg["vocab_size"],
-        hidden_size=ucfg["d_model"],
-        num_hidden_layers=ucfg["n_layer"],
-        attention_hidden_size=ucfg["d_attn"],
-        intermediate_size=ucfg["d_ffn"],
-        layer_norm_epsilon=ucfg["norm_eps"],
-        tie_word_embeddings=ucfg["tie_embeddings"],
-    )
-    return cfg
+    defaults = {"bos_token_id": 0, "eos_token_id": 0, "context_length": 1024, "rescale_every": 6, "use_cache": True}
+    return write_hf_config(ucfg, base, defaults, "RwkvForCausalLM", "rwkv", HF_FIELDS)
 
 
 # Kept in float32 whatever --dtype says: the WKV decay and bonus feed exp(), as
@@ -222,13 +217,12 @@ def build_hf_rwkv(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, v
     """A seeded ``RwkvForCausalLM`` saved in Hub format with a tokenizer."""
     from transformers import RwkvConfig, RwkvForCausalLM
 
-    torch.manual_seed(seed)
-    tok = build_tokenizer(vocab)
-    cfg = RwkvConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                     intermediate_size=4 * hidden, context_length=256, bos_token_id=0, eos_token_id=0)
-    return save_checkpoint(RwkvForCausalLM(cfg), tok, out, fmt, shard, None)
+    def make(vocab_size: int):
+        return RwkvForCausalLM(RwkvConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                          intermediate_size=4 * hidden, context_length=256, bos_token_id=0, eos_token_id=0))
 
-
+    # transformers' own RWKV init: its decays and mixes are what make an RWKV-4 model
+    return seeded_checkpoint(out, make, seed=seed, vocab=vocab, fmt=fmt, shard=shard, spread=False)
 
 
 FAMILY = Family(

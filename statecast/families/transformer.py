@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..arch.layers import ACTIVATIONS, ROPE_TYPES
 from ..errors import StatecastError
-from .builders import build_tokenizer, save_checkpoint, spread_weights
-from .record import KV_STATE, Demo, Family, HfArch
+from .builders import seeded_checkpoint
+from .record import KV_STATE, Demo, Family, HfArch, write_hf_config
 from .tables import Rule, SourceFormat
 
 
@@ -107,26 +108,19 @@ def gpt2_config_from_hf(cfg: dict) -> dict:
     }
 
 
+# config.json key -> unified key, for the fields that map one to one
+GPT2_FIELDS = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_layer": "n_layer", "n_head": "n_head", "n_inner": "d_ffn",
+               "n_positions": "max_positions", "layer_norm_epsilon": "norm_eps", "activation_function": "act",
+               "tie_word_embeddings": "tie_embeddings"}
+LLAMA_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layer",
+                "num_attention_heads": "n_head", "num_key_value_heads": "n_kv_head", "head_dim": "head_dim",
+                "intermediate_size": "d_ffn", "rms_norm_eps": "norm_eps", "hidden_act": "act",
+                "max_position_embeddings": "max_positions", "tie_word_embeddings": "tie_embeddings"}
+
+
 def gpt2_hf_config(ucfg: dict, base: dict | None = None) -> dict:
-    cfg = dict(base or {"bos_token_id": 50256, "eos_token_id": 50256, "use_cache": True})
-    cfg.update(
-        architectures=["GPT2LMHeadModel"],
-        model_type="gpt2",
-        vocab_size=ucfg["vocab_size"],
-        n_embd=ucfg["d_model"],
-        n_layer=ucfg["n_layer"],
-        n_head=ucfg["n_head"],
-        n_inner=ucfg["d_ffn"],
-        n_positions=ucfg["max_positions"],
-        layer_norm_epsilon=ucfg["norm_eps"],
-        activation_function=ucfg["act"],
-        scale_attn_weights=ucfg["attn_scale"] is None,
-        tie_word_embeddings=ucfg["tie_embeddings"],
-    )
-    return cfg
-
-
-_ROPE_TYPES = ("default", "linear", "llama3")
+    return write_hf_config(ucfg, base, {"bos_token_id": 50256, "eos_token_id": 50256, "use_cache": True},
+                           "GPT2LMHeadModel", "gpt2", GPT2_FIELDS, scale_attn_weights=ucfg["attn_scale"] is None)
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
@@ -138,8 +132,8 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
         return float(theta), None
     scaling.pop("type", None)
@@ -148,8 +142,8 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
 
 def llama_config_from_hf(cfg: dict) -> dict:
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"):
-        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported")
+    if cfg.get("hidden_act", "silu") not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     theta, scaling = _rope(cfg)
     bias = bool(cfg.get("attention_bias", False))
     return {
@@ -187,31 +181,15 @@ def qwen2_config_from_hf(cfg: dict) -> dict:
 
 def llama_hf_config(ucfg: dict, base: dict | None = None, *, model_type: str = "llama",
                     architecture: str = "LlamaForCausalLM") -> dict:
-    cfg = dict(base or {"bos_token_id": 1, "eos_token_id": 2, "use_cache": True})
-    for stale in ("rope_theta", "rope_scaling"):
-        cfg.pop(stale, None)
+    base = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling")} if base else None  # now rope_parameters
     scaling = ucfg.get("rope_scaling") or {"rope_type": "default"}
-    cfg.update(
-        architectures=[architecture],
-        model_type=model_type,
-        vocab_size=ucfg["vocab_size"],
-        hidden_size=ucfg["d_model"],
-        num_hidden_layers=ucfg["n_layer"],
-        num_attention_heads=ucfg["n_head"],
-        num_key_value_heads=ucfg["n_kv_head"],
-        head_dim=ucfg["head_dim"],
-        intermediate_size=ucfg["d_ffn"],
-        rms_norm_eps=ucfg["norm_eps"],
-        hidden_act=ucfg["act"],
-        max_position_embeddings=ucfg["max_positions"],
-        rope_parameters={**scaling, "rope_theta": ucfg["rope_theta"]},
-        tie_word_embeddings=ucfg["tie_embeddings"],
-    )
+    extra = {"rope_parameters": {**scaling, "rope_theta": ucfg["rope_theta"]}}
     if model_type == "llama":
-        cfg.update(attention_bias=ucfg["qkv_bias"], mlp_bias=ucfg["mlp_bias"])
+        extra.update(attention_bias=ucfg["qkv_bias"], mlp_bias=ucfg["mlp_bias"])
     if model_type == "mistral":
-        cfg["sliding_window"] = ucfg.get("sliding_window")
-    return cfg
+        extra["sliding_window"] = ucfg.get("sliding_window")
+    return write_hf_config(ucfg, base, {"bos_token_id": 1, "eos_token_id": 2, "use_cache": True}, architecture, model_type,
+                           LLAMA_FIELDS, **extra)
 
 
 def mistral_hf_config(ucfg: dict, base: dict | None = None) -> dict:
@@ -230,26 +208,22 @@ def build_hf_transformer(out: Path, style: str = "llama", seed: int = 0, hidden:
     ``Qwen2ForCausalLM`` in Hub format with a tokenizer. ``extra`` goes to the config."""
     import transformers
 
-    torch.manual_seed(seed)
-    tok = build_tokenizer(vocab)
-    v = tok.get_vocab_size()
-    if style == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=v, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
-                                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-        if style not in names:
-            raise StatecastError(f"unknown transformer style {style!r}; choose gpt2, {', '.join(names)}")
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+    if style not in names and style != "gpt2":
+        raise StatecastError(f"unknown transformer style {style!r}; choose gpt2, {', '.join(names)}")
+
+    def make(v: int):
+        if style == "gpt2":
+            return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=v, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, tie_word_embeddings=tied,
+                bos_token_id=0, eos_token_id=0, **extra))
         cfg = getattr(transformers, names[style] + "Config")(
             vocab_size=v, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, intermediate_size=2 * hidden + 32, max_position_embeddings=512,
             tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra)
-        model = getattr(transformers, names[style] + "ForCausalLM")(cfg)
-    spread_weights(model, seed)
-    return save_checkpoint(model, tok, out, fmt, shard, dtype)
+        return getattr(transformers, names[style] + "ForCausalLM")(cfg)
 
-
+    return seeded_checkpoint(out, make, seed=seed, vocab=vocab, fmt=fmt, shard=shard, dtype=dtype)
 
 
 FAMILY = Family(
