@@ -27,8 +27,9 @@ exp/state arithmetic, Mamba's SSM state); ``int8`` is onnxruntime's dynamic quan
 (int8 weights per output channel, uint8 activations quantized at run time) of the fp32 graph's
 MatMuls and constant-table Gathers. Every dtype is judged against the float32 PyTorch model by :data:`THRESHOLDS`.
 
-A mixture of experts (Jamba) is one node per layer in the traced graph (``layers.MoE``), by
-``moe_op``: standard ops (:mod:`.onnx_moe` rewrites the node into one ``If`` per expert) or
+A mixture of experts (Jamba's ``layers.MoE``) is one node per layer in the traced graph:
+before tracing, :func:`.onnx_moe.swap_moe` puts a ``TracedMoE`` in its place, by ``moe_op``:
+standard ops (:mod:`.onnx_moe` rewrites the node into one ``If`` per expert) or
 onnxruntime's contrib ``MoE`` op.
 """
 
@@ -77,7 +78,7 @@ OPSET = 17  # LayerNormalization needs 17; scaled_dot_product_attention exports 
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep their weights in model.onnx.data
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 GENAI_FILE, PARITY_FILE = "genai_config.json", "parity.json"
-# how a mixture of experts is written (layers.MoE): "standard" ONNX ops that any runtime runs
+# how a mixture of experts is written (onnx_moe.swap_moe): "standard" ONNX ops that any runtime runs
 # (onnx_moe: one If per expert, reading only the chosen experts' matrices), or onnxruntime's
 # contrib MoE op (its CPU kernel is the slower one for one-token decode: see the README)
 MOE_OPS = ("standard", "com.microsoft")
