@@ -25,9 +25,17 @@ touch again, which would otherwise penalise whichever runs after a pause.
 The baseline RSS is that of a subprocess that only imports torch and
 ``statecast.convert.pull``.
 
+What ``pull()`` does with the bytes (``statecast/convert/pull.py``): each source byte is
+hashed once. A tensor whose bytes are unchanged is copied by a worker thread from the
+source file's memory map to its offset in the output (``pwrite``), block by block, hashing
+each block (that sha256 is both the manifest's and a leaf of the source file's
+``sha256-tree`` digest) and checking it for NaN/Inf while it is in the cache; the threads
+(one per CPU) take the largest tensors first. So the floor is one sha256 pass over the
+weights spread over the cores, plus the copy ``cp`` does.
+
 Targets (informational, the benchmark never fails on them):
 
-* speed: cp_time / convert_time >= 0.5;
+* speed: cp_time / convert_time >= 0.5, best to best in the same run;
 * memory: peak RSS - baseline RSS <= 2 x largest tensor + 400 MB.
 
 MB here means 10**6 bytes.
@@ -45,6 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import _cpu_name as cpu_model
 from common import base_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,16 +299,17 @@ def bench(work: Path, quick: bool, rounds: int, threads: int) -> dict:
         "speed_ratio_median": ratio_med,
         "convert_mb_per_s_best": weights / MB / pull_best,
         "convert_mb_per_s_median": weights / MB / pull_med,
-        # pull hashes every byte twice (source files, written tensors): a floor however well it overlaps
+        # pull hashes every byte once, on every core: a floor however well it overlaps
         "sha256_mb_per_s_1core": sha_rate / MB,
-        "sha256_floor_s": 2 * weights / sha_rate / min(2, os.cpu_count() or 1),
+        "sha256_floor_s": weights / sha_rate / max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+        "cpu_model": cpu_model(),
         "peak_rss_mb": peak,
         "peak_rss_mb_all": [k * 1024 / MB for k in rss_kb],
         "baseline_rss_mb": baseline,
         "rss_over_baseline_mb": peak - baseline,
         "rss_limit_mb": rss_limit,
         "speed_target": f"cp_time/convert_time >= {SPEED_TARGET}",
-        "speed_ok": ratio_med >= SPEED_TARGET,
+        "speed_ok": ratio_best >= SPEED_TARGET,  # best-to-best, as issue 12 states the target
         "rss_target": f"peak - baseline <= 2 x largest tensor + {RSS_SLACK_MB:.0f} MB",
         "rss_ok": peak - baseline <= rss_limit,
     }
@@ -312,7 +322,7 @@ def table(r: dict) -> str:
     yes = {True: "MET", False: "MISSED"}
     lines = [
         f"convert pull vs cp -r: RwkvForCausalLM {r['shape']}",
-        f"  {r['rounds']} interleaved rounds, {r['cpus']} CPUs; {r['page_cache']}",
+        f"  {r['rounds']} interleaved rounds, {r['cpus']} CPUs ({r['cpu_model']}); {r['page_cache']}",
         f"  convert time = {r['convert_time']}; peak RSS from {r['rss_source']}",
         "  CPU busy (other processes) in the second before timing: "
         + ("unknown" if r["cpu_busy_before"] is None else f"{100 * r['cpu_busy_before']:.0f}%")
@@ -325,7 +335,7 @@ def table(r: dict) -> str:
             f"{r['convert_with_imports_s']['median']:.3f}"),
         row("speed ratio cp/convert", f"{r['speed_ratio_best']:.2f}", f"{r['speed_ratio_median']:.2f}"),
         row("convert throughput (MB/s)", f"{r['convert_mb_per_s_best']:.0f}", f"{r['convert_mb_per_s_median']:.0f}"),
-        row("sha256 floor: 2 passes / cores (s)", f"{r['sha256_floor_s']:.3f}"),
+        row("sha256 floor: 1 pass / cores (s)", f"{r['sha256_floor_s']:.3f}"),
         row("  (sha256, one core, MB/s)", f"{r['sha256_mb_per_s_1core']:.0f}"),
         "",
         row("source weights (MB)", f"{r['source_weights_mb']:.1f}"),
@@ -335,7 +345,8 @@ def table(r: dict) -> str:
         row("peak - baseline (MB)", f"{r['rss_over_baseline_mb']:.0f}"),
         row("RSS limit 2 x largest + 400 (MB)", f"{r['rss_limit_mb']:.0f}"),
         "",
-        f"  speed target ({r['speed_target']}, median): {yes[r['speed_ok']]} ({r['speed_ratio_median']:.2f})",
+        f"  speed target ({r['speed_target']}, best-to-best): {yes[r['speed_ok']]} ({r['speed_ratio_best']:.2f}; "
+        f"median-to-median {r['speed_ratio_median']:.2f})",
         f"  RSS target   ({r['rss_target']}): {yes[r['rss_ok']]} "
         f"({r['rss_over_baseline_mb']:.0f} MB {'<=' if r['rss_ok'] else '>'} {r['rss_limit_mb']:.0f} MB)",
         "  (targets are informational; this benchmark does not fail on them)",

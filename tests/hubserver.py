@@ -40,6 +40,22 @@ What the client relies on, mirrored from the Hub:
 
 Every request is logged as `(method, path)` in `FakeHub.requests` (path percent-decoded, query
 string dropped). Nothing is written to stderr.
+
+Failure modes (keyword options of `FakeHub`, for testing how a client copes with a bad server):
+
+* `hang=True`: every request is read and logged, then never answered (the connection stays open
+  until `stop()` or `max_stall` seconds).
+* `stall={"model.safetensors": 1000}`: a GET of that file sends its headers (full Content-Length)
+  and the file's bytes up to that absolute offset, then stalls like `hang` (a resumed Range
+  request starting at or past the offset stalls at once).
+* `fail={"model.safetensors": 500}`: a GET of that file's contents answers that HTTP status (HEAD,
+  the metadata call, still succeeds, as when the storage behind the Hub fails).
+* `corrupt={"model.safetensors"}`: a GET of that file serves its bytes with one byte flipped (in
+  the middle), under the correct ETag, `X-Linked-Etag` and size.
+* A repo built with `HubRepo(..., raw_names=True)` lists its `files` keys verbatim, so a hostile
+  listing (`"../../evil.safetensors"`, `"/abs/evil.safetensors"`) can be served.
+
+`stop()` releases every stalled or hanging request, so a test never waits longer than its client.
 """
 
 from __future__ import annotations
@@ -135,6 +151,8 @@ class HubRepo:
         lfs_patterns: fnmatch patterns (matched on the full path and on the basename) of files
             stored as LFS; defaults to the Hub's default `.gitattributes`. Files above 10 MiB are
             LFS whatever their name.
+        raw_names: use the keys of a `files` mapping verbatim (no stripping of "/"), so that a
+            test can serve a hostile listing with absolute or `..` names.
     """
 
     def __init__(
@@ -145,6 +163,7 @@ class HubRepo:
         *,
         repo_type: str = "model",
         lfs_patterns: tuple[str, ...] | list[str] | None = None,
+        raw_names: bool = False,
     ) -> None:
         if repo_type not in ("model", "dataset", "space"):
             raise ValueError(f"unsupported repo_type {repo_type!r}")
@@ -162,7 +181,7 @@ class HubRepo:
                 if p.is_file() and ".git" not in p.relative_to(root).parts
             }
         else:
-            mapping = {str(k).strip("/"): Path(v) for k, v in files.items()}
+            mapping = {(str(k) if raw_names else str(k).strip("/")): Path(v) for k, v in files.items()}
 
         self.files: dict[str, HubFile] = {}
         for path in sorted(mapping):
@@ -331,6 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = b""
         if method == "POST":
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.hub.hang:
+            self._stall()
+            return
         try:
             if self.server.is_cdn:
                 self._cdn(method, raw_segments)
@@ -342,6 +364,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _stall(self) -> None:
+        """Answer nothing more until the hub stops (or `max_stall` seconds), then drop the connection."""
+        self.server.hub._stopping.wait(self.server.hub.max_stall)
+        self.close_connection = True
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"", head: bool = False) -> None:
         self.send_response(status)
@@ -488,6 +515,11 @@ class _Handler(BaseHTTPRequestHandler):
         raise _HubError(404, None, "NoSuchKey")
 
     def _send_file(self, method: str, f: HubFile, headers: dict[str, str]) -> None:
+        hub = self.server.hub
+        if method == "GET" and f.path in hub.fail:
+            commit = headers.get("X-Repo-Commit")
+            self._send_error(_HubError(hub.fail[f.path], None, f"Internal Error serving {f.path}", commit))
+            return
         start, end, status = 0, f.size - 1, 200
         rng = self.headers.get("Range")
         if rng and method == "GET":
@@ -511,19 +543,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method == "HEAD":
             return
+        stall_at = hub.stall.get(f.path)
+        flip_at = f.size // 2 if f.path in hub.corrupt else None
         with open(f.local, "rb") as fh:
             fh.seek(start)
-            remaining = length
+            offset, remaining = start, length
             while remaining > 0:
-                chunk = fh.read(min(_CHUNK, remaining))
+                n = min(_CHUNK, remaining)
+                if stall_at is not None:
+                    n = min(n, stall_at - offset)
+                    if n <= 0:
+                        self.wfile.flush()
+                        self._stall()
+                        return
+                chunk = fh.read(n)
                 if not chunk:
                     break
+                if flip_at is not None and offset <= flip_at < offset + len(chunk):
+                    data = bytearray(chunk)
+                    data[flip_at - offset] ^= 0xFF
+                    chunk = bytes(data)
                 self.wfile.write(chunk)
+                offset += len(chunk)
                 remaining -= len(chunk)
 
 
 class FakeHub:
     """Context manager running the fake Hub on 127.0.0.1 in a background thread.
+
+    Failure modes (see the module docstring): `hang`, `stall`, `fail`, `corrupt`; a stalled or
+    hanging request is released by `stop()` or after `max_stall` seconds.
 
     Attributes:
         url: "http://127.0.0.1:PORT", the value for HF_ENDPOINT.
@@ -531,7 +580,17 @@ class FakeHub:
         requests: (method, path) of every request received, in arrival order.
     """
 
-    def __init__(self, repos: list[HubRepo], *, lfs_redirect: bool = False) -> None:
+    def __init__(
+        self,
+        repos: list[HubRepo],
+        *,
+        lfs_redirect: bool = False,
+        hang: bool = False,
+        stall: dict[str, int] | None = None,
+        fail: dict[str, int] | None = None,
+        corrupt: set[str] | list[str] | tuple[str, ...] = (),
+        max_stall: float = 60.0,
+    ) -> None:
         self._repos: dict[tuple[str, str], HubRepo] = {}
         for repo in repos:
             key = (repo.repo_type, repo.repo_id)
@@ -539,6 +598,12 @@ class FakeHub:
                 raise ValueError(f"duplicate repo {repo.repo_type}:{repo.repo_id}")
             self._repos[key] = repo
         self.lfs_redirect = lfs_redirect
+        self.hang = hang
+        self.stall: dict[str, int] = dict(stall or {})
+        self.fail: dict[str, int] = dict(fail or {})
+        self.corrupt: set[str] = set(corrupt)
+        self.max_stall = max_stall
+        self._stopping = threading.Event()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
@@ -556,6 +621,7 @@ class FakeHub:
     def start(self) -> "FakeHub":
         if self._servers:
             raise RuntimeError("FakeHub already started")
+        self._stopping.clear()
         self._servers.append(_Server(self, is_cdn=False))
         if self.lfs_redirect:
             self._servers.append(_Server(self, is_cdn=True))
@@ -569,7 +635,9 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
-        """Stop serving; later connections are refused. `url` and `env()` keep working."""
+        """Stop serving; later connections are refused. `url` and `env()` keep working. Stalled
+        or hanging requests are released (their connections dropped)."""
+        self._stopping.set()
         for srv in self._servers:
             srv.shutdown()
             srv.server_close()

@@ -51,7 +51,12 @@ def test_pull_local_hf_writes_canonical_layout(hf_dir, tmp_path):
     # provenance: source files hashed, tokenizer copied
     src = um.source
     assert src["kind"] == "local" and Path(src["path"]) == hf_dir
-    assert src["files"]["model.safetensors"] == hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest()
+    # a local safetensors file's digest covers every byte in one pass (layout.py: sha256-tree)
+    from statecast.checkpoints.layout import file_digest
+
+    assert src["files"]["model.safetensors"] == file_digest(hf_dir / "model.safetensors")
+    assert src["files"]["model.safetensors"].startswith("sha256-tree:")
+    assert src["files"]["tokenizer.json"] == hashlib.sha256((hf_dir / "tokenizer.json").read_bytes()).hexdigest()
     assert (um.path / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     # no temporary directories left next to the output
     assert [p.name for p in tmp_path.iterdir()] == ["m"]

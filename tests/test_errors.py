@@ -127,31 +127,36 @@ def test_output_exists_needs_force(hf_dir, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     run_bad(["pull", str(hf_dir), "--out", str(out)], "already exists (pass --force")
+    run_bad(["pull", str(hf_dir), "--out", str(out), "--force"], "it is not a statecast output")
     assert (out / "keep.txt").read_text() == "mine"
-    result = CliRunner().invoke(main, ["pull", str(hf_dir), "--out", str(out), "--force", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "statecast.json").is_file()
+    (out / "keep.txt").unlink()  # an empty directory, or a statecast output, is replaced
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["pull", str(hf_dir), "--out", str(out), "--force", "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert (out / "statecast.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_failure_midway_leaves_nothing(hf_dir, tmp_path, monkeypatch):
-    """A tensor that fails to read after writing has started: the partial directory is removed."""
-    from statecast.checkpoints import readers
+@pytest.mark.parametrize("where", ["copy", "produce"])
+def test_failure_midway_leaves_nothing(hf_dir, tmp_path, monkeypatch, where):
+    """A tensor that fails to read or write after writing has started: the partial directory is removed."""
+    from statecast.checkpoints import layout, readers
 
     calls = {"n": 0}
-    real_get = readers.TensorSource.get
+    target, name = (layout, "_pwrite_all") if where == "copy" else (readers.TensorSource, "get")
+    real = getattr(target, name)
 
-    def flaky(self, name):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk on fire")
-        return real_get(self, name)
+        return real(*args)
 
-    monkeypatch.setattr(readers.TensorSource, "get", flaky)
+    monkeypatch.setattr(target, name, flaky)
     from statecast.convert.pull import pull
 
-    with pytest.raises(OSError):
-        pull(str(hf_dir), out=tmp_path / "out", progress=False)
+    with pytest.raises(OSError):  # dtype=float16: every tensor is produced (cast), none copied
+        pull(str(hf_dir), out=tmp_path / "out", progress=False, dtype=None if where == "copy" else "float16")
     assert_nothing_written(tmp_path)
 
 

@@ -247,3 +247,88 @@ def test_http_headers_and_ranges(hub, repo_dir):
 
     assert ("HEAD", f"/{REPO_ID}/resolve/main/model.safetensors") == hub.requests[0]
     assert len(hub.requests) == 4
+
+
+# --------------------------------------------------------------------------- failure modes
+
+
+def _open(url: str, method: str = "GET", timeout: float = 5, **headers):
+    return _urlopen(urllib.request.Request(url, method=method, headers=headers), timeout=timeout)
+
+
+def test_hang_answers_nothing_until_stopped(repo_dir):
+    import socket
+    import time
+
+    hub = FakeHub([HubRepo(REPO_ID, repo_dir)], hang=True).start()
+    try:
+        with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+            _open(f"{hub.url}/api/models/{REPO_ID}", timeout=0.5)
+        assert hub.requests == [("GET", f"/api/models/{REPO_ID}")]
+    finally:
+        t0 = time.monotonic()
+        hub.stop()
+    assert time.monotonic() - t0 < 5  # the hanging handler was released
+
+
+def test_stall_sends_a_prefix_then_nothing(hub, repo_dir):
+    import socket
+
+    weights = (repo_dir / "model.safetensors").read_bytes()
+    hub.stall["model.safetensors"] = 1000
+    url = f"{hub.url}/{REPO_ID}/resolve/main/model.safetensors"
+    with _open(url, "HEAD") as r:  # metadata is not affected
+        assert r.headers["Content-Length"] == str(len(weights))
+    with _open(url, timeout=1) as r:
+        assert r.headers["Content-Length"] == str(len(weights))
+        assert r.read(1000) == weights[:1000]
+        with pytest.raises((TimeoutError, socket.timeout)):
+            r.read(1)
+    with _open(url, timeout=1, Range="bytes=2000-") as r:  # a resume past the offset stalls at once
+        assert r.status == 206
+        with pytest.raises((TimeoutError, socket.timeout)):
+            r.read(1)
+    with _open(f"{hub.url}/{REPO_ID}/resolve/main/config.json") as r:  # other files are served
+        assert r.read() == (repo_dir / "config.json").read_bytes()
+
+
+def test_fail_answers_the_status_on_get_only(hub, repo_dir):
+    repo = hub.repo(REPO_ID)
+    hub.fail["model.safetensors"] = 500
+    url = f"{hub.url}/{REPO_ID}/resolve/main/model.safetensors"
+    with _open(url, "HEAD") as r:
+        assert r.status == 200 and r.headers["X-Linked-Etag"] == f'"{repo.files["model.safetensors"].sha256}"'
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        _open(url)
+    assert exc.value.code == 500 and exc.value.headers["X-Repo-Commit"] == repo.sha
+
+
+def test_corrupt_serves_other_bytes_under_the_right_etag(hub, repo_dir):
+    weights = (repo_dir / "model.safetensors").read_bytes()
+    sha256 = hashlib.sha256(weights).hexdigest()
+    hub.corrupt.add("model.safetensors")
+    url = f"{hub.url}/{REPO_ID}/resolve/main/model.safetensors"
+    with _open(url) as r:
+        assert r.headers["ETag"] == r.headers["X-Linked-Etag"] == f'"{sha256}"'
+        body = r.read()
+    assert len(body) == len(weights) and body != weights
+    assert sum(a != b for a, b in zip(body, weights)) == 1
+    with _open(url, Range=f"bytes={len(weights) // 2}-") as r:  # ranges see the same bytes
+        assert r.read() == body[len(weights) // 2:]
+
+
+def test_raw_names_list_hostile_paths(repo_dir, tmp_path):
+    files = {"config.json": repo_dir / "config.json", "../../evil.safetensors": repo_dir / "model.safetensors",
+             "/abs/evil.bin": repo_dir / "pytorch_model.bin"}
+    with FakeHub([HubRepo(REPO_ID, files, raw_names=True)]) as hub:
+        out = run_client(
+            f"""
+            import json
+            from huggingface_hub import HfApi
+            print(json.dumps(sorted(s.rfilename for s in HfApi().model_info({REPO_ID!r}).siblings)))
+            """,
+            hub.env(tmp_path / "hf"),
+        )
+    assert out == sorted(files)
+    # without raw_names the names are tidied as before
+    assert sorted(HubRepo(REPO_ID, {"/a/b.json": repo_dir / "config.json"}).files) == ["a/b.json"]

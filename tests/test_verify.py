@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -57,6 +58,11 @@ def test_a_perturbed_layer_fails_and_is_named(pulled_hf, tmp_path):
     sd = load_file(model / "model.safetensors")
     sd["layers.1.mlp.down.weight"] = sd["layers.1.mlp.down.weight"] * 1.05
     save_file(sd, model / "model.safetensors", metadata={"format": "pt"})
+    # a wrong conversion, not tampering: the manifest records the new bytes
+    meta = json.loads((model / "statecast.json").read_text())
+    t = sd["layers.1.mlp.down.weight"]
+    meta["tensors"]["layers.1.mlp.down.weight"]["sha256"] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+    (model / "statecast.json").write_text(json.dumps(meta))
     with pytest.raises(ParityFailed, match="layer 1 diverges"):
         verify(model, device="cpu")
     r = json.loads((model / "parity.json").read_text())

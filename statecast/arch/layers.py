@@ -23,6 +23,8 @@ its own file.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import MISSING, fields
 
 import torch
@@ -30,17 +32,103 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class ConfigValueError(ValueError):
+    """A unified config value of the wrong type or out of range: ``field``, ``value`` and
+    what was ``expected`` (the caller names the file and its key)."""
+
+    def __init__(self, cls_name: str, field: str, value: object, expected: str):
+        super().__init__(f"{cls_name}.{field}: expected {expected}, got {value!r:.80}")
+        self.field, self.value, self.expected = field, value, expected
+
+
+MAX_INT = 2**31 - 1  # every dimension, count and length fits an int32 (ONNX, kernels)
+
+
+def _type_ok(value: object, hint) -> bool:
+    """``value`` (from JSON) matches the annotation ``hint``: int, float (ints too), bool,
+    str, None, X | Y, list[X] / tuple[X, ...] (a list or tuple of X), dict."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple) or hint in (list, tuple):
+        item = args[0] if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis) else None
+        return isinstance(value, (list, tuple)) and (item is None or all(_type_ok(v, item) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)  # bool, str
+
+
+def _base(hint):
+    """The annotation without ``| None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def _positive(name: str) -> bool:
+    return name.endswith("eps") or name.endswith("theta")
+
+
+def _expected(name: str, hint) -> str:
+    """What a field accepts, in words."""
+    base = _base(hint)
+    none = " or null" if base is not hint else ""
+    if base is int:
+        return f"an integer in 1..{MAX_INT}{none}"
+    if base is float:
+        return f"a {'positive ' if _positive(name) else ''}finite number{none}"
+    if base is bool:
+        return "true or false"
+    if base is str:
+        return f"a string{none}"
+    if typing.get_origin(base) in (list, tuple):
+        return f"a list of {getattr(typing.get_args(base)[0], '__name__', 'value')}s"
+    if base is dict or typing.get_origin(base) is dict:
+        return f"an object of positive finite numbers (and a string *type){none}"
+    return str(hint)
+
+
+def _value_ok(name: str, value: object, hint) -> bool:
+    """The type, then the range by naming convention: integers (dimensions, counts,
+    lengths) in 1..MAX_INT, numbers finite and ``*eps`` / ``*theta`` > 0; in a dict field
+    (rope_scaling) a ``*type`` key holds a string, every other key a finite number > 0."""
+    if not _type_ok(value, hint):
+        return False
+    base = _base(hint)
+    if value is None:
+        return True
+    if base is int:
+        return 1 <= value <= MAX_INT
+    if base is float:
+        return math.isfinite(value) and (value > 0 or not _positive(name))
+    if base is dict or typing.get_origin(base) is dict:
+        return all(isinstance(v, str) if str(k).endswith("type") else type(v) in (int, float) and math.isfinite(v) and v > 0
+                   for k, v in value.items())
+    return True
+
+
 def config_from_unified(cls, cfg: dict, kind: str | None):
     """Build the frozen config dataclass ``cls`` from a unified config.
 
     Keys that are not fields (``family``, ...) are ignored and fields without a default are
-    required. For a one-kind model (``kind`` given), ``layer_kinds``, when present, must be
+    required. Every given value is checked against its field's annotation and range
+    (:func:`_value_ok`) first: a bad one raises :class:`ConfigValueError` naming the field.
+    For a one-kind model (``kind`` given), ``layer_kinds``, when present, must be
     ``[kind] * n_layer``; a hybrid (``kind=None``) has ``layer_kinds`` as a field.
     """
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in cfg]
     if missing:
         raise ValueError(f"unified {cls.__name__} lacks {missing}")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
+    for name in sorted(names & set(cfg), key=list(cfg).index):
+        if not _value_ok(name, cfg[name], hints[name]):
+            raise ConfigValueError(cls.__name__, name, cfg[name], _expected(name, hints[name]))
     out = cls(**{k: v for k, v in cfg.items() if k in names})
     kinds = cfg.get("layer_kinds")
     if kind is not None and kinds is not None and list(kinds) != [kind] * out.n_layer:

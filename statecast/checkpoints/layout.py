@@ -1,4 +1,4 @@
-"""The unified layout (format ``statecast/1``): write it atomically, read it back.
+"""The unified layout (format ``statecast/1``): write it atomically, read it back, check it.
 
 A unified model is a directory::
 
@@ -7,50 +7,302 @@ A unified model is a directory::
     tokenizer files           copied from the source
     parity.json, parity.md    after ``convert verify``
 
-Tensors are written one at a time by a streaming safetensors writer (the header
-is computed from the plan first), so peak memory is about one tensor. Everything
-is written into a temporary sibling directory that is renamed into place only
-when complete: a failed or interrupted conversion leaves nothing that looks like
-a model.
+Writing. A streaming safetensors writer computes the header from the plan first and writes
+each tensor at its offset, so peak memory is about one tensor per thread. A tensor whose
+bytes are unchanged from a source file is copied block by block from the source's memory
+map by a worker thread, which hashes each block and checks it for NaN/Inf as it copies it
+(one read of the bytes; the workers take the largest tensors first); the others are
+produced and written by the calling thread and hashed by a worker meanwhile (hashlib
+releases the GIL). The writes take turns under a lock. Everything is written into a temporary sibling
+directory, ``.NAME.partial-PID-START-*``, renamed into place only when complete (an existing
+output, under ``force``, is swapped atomically); the leftovers of killed runs are removed by
+the next run in the same directory (:func:`statecast.checkpoints.store.clean_stale`).
+Environment failures while writing (disk full, permission, read-only file system) are
+:class:`StatecastError` naming the path and the reason, with nothing left behind.
+
+Reading. :func:`open_unified` runs the cheap integrity checks on every open: ``statecast.json``
+is a UTF-8 JSON object with the required keys of the right types, every path it names stays
+inside the model directory, and the weight files' headers list exactly the manifest's
+tensors with its shapes and dtypes, in files of exactly the size the headers describe.
+:func:`verify_tensor_hashes` compares every tensor with its manifest sha256 (``verify``,
+``inspect --check``, ``export``): one read of each file, its tensors hashed in parallel.
+
+Source digests (provenance). A source file's digest is its plain sha256 (``hex``), except
+for a local safetensors file, whose digest is ``sha256-tree:hex``: the sha256 of
+``b"statecast sha256-tree/1\n"`` followed by, for each segment of the file in order (the
+header, then each tensor's bytes, any gap its own segment), its length (8 bytes, little
+endian) and its sha256 (32 bytes). Every byte of the file is committed to, and the
+tensors' sha256s, which a conversion needs for the manifest anyway, are computed once and
+in parallel, where a plain sha256 of the file would be a second, serial pass.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
+import re
 import shutil
+import struct
 import tempfile
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .. import __version__
 from ..errors import StatecastError
-from .readers import ST_CODES, dtype_name, open_tensors, read_safetensors_header
-from .store import META_FILE
+from .readers import ST_CODES, ST_DTYPES, dtype_name, open_tensors, read_safetensors_header
+from .store import META_FILE, clean_stale, temp_prefix
+from .validate import contained
 
 FORMAT = "statecast/1"
 SHARD_BYTES = 4 * 1024**3  # shard past 4 GiB, like transformers' default max_shard_size ballpark
 ALIGN = 8
+# The marker an export without its own statecast.json (``export --format hf``) carries, so that
+# ``--force`` knows the directory is a statecast output (see :func:`is_statecast_output`).
+EXPORT_MARKER = ".statecast-export.json"
+TREE_PREFIX = "sha256-tree:"
+BLOCK = 8 << 20  # hashing reads (maps) files in blocks of this size
+RELEASE = 32 << 20  # hashed pages are unmapped every this many bytes (resident memory stays small)
+PENDING_BYTES = 256 << 20  # produced tensors held for hashing in the background, at most (beyond one)
 
 
 @dataclass
 class PlannedTensor:
-    """One output tensor: its final name, shape and dtype, and how to produce it."""
+    """One output tensor: its final name, shape and dtype, and how to produce it.
+
+    ``copy_from`` (file, byte offset[, check]): the tensor's bytes, exactly, in that file; the
+    writer copies them (hashing them, and passing each block to ``check``) and never calls
+    ``produce``. ``digest``: returns a produced tensor's sha256 when it is computed elsewhere;
+    else the writer hashes the bytes it writes."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor] | None
+    copy_from: tuple | None = None  # (file, offset) or (file, offset, check)
+    digest: Callable[[], str] | None = None
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def workers() -> int:
+    """Hashing threads: one per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def hash_range(fd: int, begin: int, end: int, inspect: Callable[[memoryview], None] | None = None,
+               name: object = None, copy_to: tuple[int, int, threading.Lock] | None = None) -> str:
+    """sha256 of bytes ``[begin, end)`` of the open file ``fd``, read through a memory map in
+    :data:`BLOCK`-sized blocks (the pages are released every :data:`RELEASE` bytes, so
+    resident memory stays small). ``inspect(block)`` sees each block too, while it is in the
+    cache (a finiteness check), and with ``copy_to`` (fd, offset, lock) each block is written
+    there (``pwrite`` under ``lock``: one bytes read serves the hash, the check and the copy).
+    A file shorter than ``end`` is an error."""
+    h = hashlib.sha256()
+    if end <= begin:
+        return h.hexdigest()
+    base = begin - begin % mmap.ALLOCATIONGRANULARITY
+    if os.fstat(fd).st_size < end:
+        raise StatecastError(f"{name or f'file descriptor {fd}'}: shorter than {end} bytes (the file changed while it was read)")
+    mm = mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_READ)
+    try:
+        with contextlib.suppress(AttributeError, OSError):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            pos = begin - base
+            released = pos - pos % mmap.PAGESIZE
+            while pos < end - base:
+                stop = min(end - base, pos + BLOCK)  # blocks start at element boundaries of the range
+                block = view[pos:stop]
+                try:
+                    h.update(block)
+                    if inspect is not None:
+                        inspect(block)  # may raise (it keeps no reference to the block)
+                    if copy_to is not None:
+                        with copy_to[2]:
+                            _pwrite_all(copy_to[0], block, copy_to[1] + pos - (begin - base))
+                finally:
+                    block.release()
+                if hasattr(mmap, "MADV_DONTNEED") and (stop - released >= RELEASE or stop == end - base):
+                    lo, hi = released, stop - stop % mmap.PAGESIZE
+                    if hi > lo:
+                        with contextlib.suppress(OSError):
+                            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                        released = hi
+                pos = stop
+        finally:
+            view.release()
+    finally:
+        mm.close()
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Plain sha256 of a whole file."""
+    with open(path, "rb", buffering=0) as f:
+        return hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, None, path)
+
+
+def tree_digest(segments: Iterable[tuple[int, str]]) -> str:
+    """:data:`TREE_PREFIX` + sha256 of the (length, sha256) of each segment, in file order."""
+    h = hashlib.sha256(b"statecast sha256-tree/1\n")
+    for length, hexdigest in segments:
+        h.update(length.to_bytes(8, "little") + bytes.fromhex(hexdigest))
+    return TREE_PREFIX + h.hexdigest()
+
+
+@dataclass
+class SafetensorsLayout:
+    """Where each tensor's bytes are in a safetensors file (absolute offsets)."""
+
+    path: Path
+    size: int
+    data_start: int
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (dtype code, shape, begin, end)
+
+    def segments(self) -> list[tuple[int, int, str | None]]:
+        """(begin, end, tensor name or None) covering the whole file in order: the header,
+        each tensor, and any bytes between or after them."""
+        out: list[tuple[int, int, str | None]] = [(0, self.data_start, None)]
+        pos = self.data_start
+        for name, (_, _, b, e) in sorted(self.tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if b > pos:
+                out.append((pos, b, None))
+            if b < pos:  # overlapping spans (a validated header has none): hash the file plainly
+                raise ValueError("overlap")
+            out.append((b, e, name))
+            pos = e
+        if pos < self.size:
+            out.append((pos, self.size, None))
+        return out
+
+
+def safetensors_layout(path: Path) -> SafetensorsLayout:
+    header = read_safetensors_header(path)  # validated: typed entries, offsets inside the file
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    start = 8 + n
+    tensors = {k: (v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
+               for k, v in header.items() if k != "__metadata__"}
+    return SafetensorsLayout(Path(path), Path(path).stat().st_size, start, tensors)
+
+
+class FileHasher:
+    """Hash files (plain sha256, or the tensor tree of a safetensors file) and tensors' byte
+    ranges on a thread pool, each byte once. A context manager: on exit it waits for the
+    pool's work (cancelling what has not started) and closes the files."""
+
+    def __init__(self, n_workers: int | None = None):
+        self.pool = cf.ThreadPoolExecutor(n_workers or workers())
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "FileHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for fd in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def range(self, path: Path, begin: int, end: int, inspect=None) -> cf.Future:
+        return self.pool.submit(hash_range, self.fd(path), begin, end, inspect, path)
+
+    def plain(self, path: Path) -> cf.Future:
+        fd = self.fd(path)
+        return self.pool.submit(lambda: hash_range(fd, 0, os.fstat(fd).st_size, None, path))
+
+    def tree(self, layout: SafetensorsLayout, inspect: dict[str, Callable] | None = None,
+             plain: str | None = None) -> tuple[Callable[[], str], dict[str, cf.Future]]:
+        """(the file's digest, {tensor: future of its sha256}), every segment hashed once, in
+        parallel. ``plain``: the file's sha256, known already (a Hub LFS blob), is the digest
+        (the header and gaps are then not hashed)."""
+        futures: list[tuple[int, cf.Future]] = []
+        per_tensor: dict[str, cf.Future] = {}
+        segments = layout.segments()
+        for b, e, name in sorted(segments, key=lambda s: s[0] - s[1]):  # largest first: balance the threads
+            if plain is not None and name is None:
+                continue
+            fut = self.range(layout.path, b, e, (inspect or {}).get(name) if name else None)
+            if name is not None:
+                per_tensor[name] = fut
+            futures.append((b, fut))
+        lengths = {b: e - b for b, e, _ in segments}
+
+        def digest() -> str:
+            if plain is not None:
+                for _, f in futures:
+                    f.result()  # surface errors
+                return plain
+            return tree_digest((lengths[b], f.result()) for b, f in sorted(futures, key=lambda x: x[0]))
+
+        return digest, per_tensor
+
+    def digest(self, path: Path, like: str | None = None) -> Callable[[], str]:
+        """The digest of ``path`` in the form of ``like`` (a recorded digest, plain or tree; by
+        default a tree for ``.safetensors`` files, plain otherwise); a callable that waits for
+        it. A file that is not valid safetensors gets a plain digest."""
+        tree = like.startswith(TREE_PREFIX) if like is not None else Path(path).suffix == ".safetensors"
+        if tree:
+            try:
+                return self.tree(safetensors_layout(Path(path)))[0]
+            except (StatecastError, ValueError):
+                pass
+        return self.plain(Path(path)).result
+
+
+def file_digest(path: Path, like: str | None = None) -> str:
+    """The digest of one file as a conversion records it (see :meth:`FileHasher.digest`)."""
+    with FileHasher() as hasher:
+        return hasher.digest(path, like)()
+
+
+def check_file_digests(root: Path, recorded: dict[str, str], what: str, files: dict[str, Path] | None = None) -> None:
+    """Every file ``root / name`` (or ``files[name]``) still has the digest recorded for it;
+    the files are hashed in parallel, each byte once. A missing or changed file is an error
+    naming it and ``what`` to do about it."""
+    with FileHasher() as hasher:
+        pending = []
+        for name, digest in recorded.items():
+            if not isinstance(name, str) or not isinstance(digest, str):
+                raise StatecastError(f"{META_FILE}: source.files must map file names to digests, got {name!r}: {digest!r:.80}")
+            f = (files or {}).get(name) or contained(root, name, f"recorded source file {name!r}")
+            if not f.is_file():
+                raise StatecastError(f"the original file {f} is missing since conversion; {what}")
+            pending.append((f, digest, hasher.digest(f, like=digest)))
+        for f, digest, got in pending:
+            if got() != digest:
+                raise StatecastError(f"the original file {f} changed since conversion (its digest differs from the "
+                                     f"one recorded in {META_FILE}); {what}")
 
 
 # --------------------------------------------------------------------------- safetensors writer
@@ -67,25 +319,113 @@ def _header_bytes(plan: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _write_all(fd: int, buf) -> None:
+    view = memoryview(buf).cast("B")
+    try:
+        while len(view):
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        view.release()
+
+
+def _pwrite_all(fd: int, buf, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    try:
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            offset += n
+            view = view[n:]
+    finally:
+        view.release()
+
+
+def _sha256_bytes(buf) -> str:
+    return hashlib.sha256(buf).hexdigest()
+
+
 def write_safetensors(path: Path, plan: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[PlannedTensor], None] | None = None) -> dict[str, str]:
-    """Stream ``plan`` into ``path``; returns ``{name: sha256}`` of each tensor's bytes."""
-    digests: dict[str, str] = {}
-    with open(path, "wb") as f:
-        f.write(_header_bytes(plan, metadata or {"format": "pt"}))
-        for p in plan:
-            t = p.produce()
-            if tuple(t.shape) != p.shape or t.dtype != p.dtype:
-                raise StatecastError(
-                    f"tensor {p.name}: produced {tuple(t.shape)} {dtype_name(t.dtype)}, planned {p.shape} {dtype_name(p.dtype)}"
-                )
-            buf = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(buf)
-            digests[p.name] = hashlib.sha256(buf).hexdigest()
-            del t, buf
-            if on_tensor is not None:
-                on_tensor(p)
-    return digests
+                      on_tensor: Callable[[PlannedTensor], None] | None = None, pool: cf.Executor | None = None,
+                      hashes: bool = True) -> dict[str, str]:
+    """Stream ``plan`` into ``path``; returns ``{name: sha256}`` of each tensor's bytes (empty
+    with ``hashes=False``).
+
+    Each tensor goes to its offset (``pwrite``). A tensor with ``copy_from`` is copied by a
+    worker of ``pool`` from the source file's memory map, block by block, each block hashed
+    and passed to the tensor's check as it is copied (one read of its bytes; the workers take
+    the largest tensors first). A produced tensor is written by the calling thread and hashed
+    by a worker while the next one is produced (at most :data:`PENDING_BYTES` of them held
+    beyond the one being written). The writes into the file take turns under one lock:
+    concurrent writes into one file contend in the kernel (measured 3-4x slower on a VM whose
+    memory had just been handed back to the host), the hashing does not."""
+    own_pool = pool is None
+    if own_pool:
+        pool = cf.ThreadPoolExecutor(workers())
+    digests: dict[str, Callable[[], str]] = {}
+    futures: list[cf.Future] = []
+    pending: deque[tuple[int, cf.Future]] = deque()
+    held = 0
+    sources: dict[Path, int] = {}
+    lock = threading.Lock()
+    try:
+        with open(path, "wb", buffering=0) as f:
+            out = f.fileno()
+            try:
+                header = _header_bytes(plan, metadata or {"format": "pt"})
+                _pwrite_all(out, header, 0)
+                offsets = [len(header)]
+                for p in plan[:-1]:
+                    offsets.append(offsets[-1] + p.nbytes)
+                for p, offset in sorted(((p, o) for p, o in zip(plan, offsets) if p.copy_from is not None),
+                                        key=lambda po: -po[0].nbytes):
+                    src_path, src_offset, *check = p.copy_from
+                    if src_path not in sources:
+                        sources[src_path] = os.open(src_path, os.O_RDONLY)
+                    fut = pool.submit(hash_range, sources[src_path], src_offset, src_offset + p.nbytes,
+                                      check[0] if check else None, src_path, (out, offset, lock))
+                    futures.append(fut)
+                    if on_tensor is not None:
+                        fut.add_done_callback(lambda _, p=p: on_tensor(p))
+                    if hashes:
+                        digests[p.name] = fut.result
+                for p, offset in zip(plan, offsets):
+                    if p.copy_from is not None:
+                        continue
+                    t = p.produce()
+                    if tuple(t.shape) != p.shape or t.dtype != p.dtype:
+                        raise StatecastError(f"tensor {p.name}: produced {tuple(t.shape)} {dtype_name(t.dtype)}, "
+                                             f"planned {p.shape} {dtype_name(p.dtype)}")
+                    buf = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                    with lock:
+                        _pwrite_all(out, buf, offset)
+                    if hashes and p.digest is not None:
+                        digests[p.name] = p.digest
+                    elif hashes:
+                        fut = pool.submit(_sha256_bytes, buf)  # holds ``buf`` until hashed
+                        futures.append(fut)
+                        digests[p.name] = fut.result
+                        pending.append((p.nbytes, fut))
+                        held += p.nbytes
+                        while len(pending) > 1 and held > PENDING_BYTES:
+                            n, done = pending.popleft()
+                            done.result()
+                            held -= n
+                    del t, buf
+                    if on_tensor is not None:
+                        on_tensor(p)
+                for fut in futures:  # the first failure (a NaN found while copying, a read error)
+                    fut.result()
+                return {name: get() for name, get in digests.items()}
+            finally:  # never close the output (or the sources) under a running copy
+                for fut in futures:
+                    fut.cancel()
+                cf.wait(futures)
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True)
+        for fd in sources.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def shard_plan(plan: list[PlannedTensor], max_bytes: int = SHARD_BYTES) -> list[list[PlannedTensor]]:
@@ -102,7 +442,8 @@ def shard_plan(plan: list[PlannedTensor], max_bytes: int = SHARD_BYTES) -> list[
 
 def write_weights(directory: Path, plan: list[PlannedTensor], prefix: str = "model",
                   max_shard_bytes: int = SHARD_BYTES,
-                  on_tensor: Callable[[PlannedTensor], None] | None = None) -> tuple[list[str], dict[str, str]]:
+                  on_tensor: Callable[[PlannedTensor], None] | None = None, pool: cf.Executor | None = None,
+                  hashes: bool = True) -> tuple[list[str], dict[str, str]]:
     """Write ``plan`` as ``{prefix}.safetensors`` or shards plus an index; returns (files, digests)."""
     shards = shard_plan(plan, max_shard_bytes)
     if len(shards) == 1:
@@ -111,7 +452,7 @@ def write_weights(directory: Path, plan: list[PlannedTensor], prefix: str = "mod
         names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     digests: dict[str, str] = {}
     for name, shard in zip(names, shards):
-        digests.update(write_safetensors(directory / name, shard, on_tensor=on_tensor))
+        digests.update(write_safetensors(directory / name, shard, on_tensor=on_tensor, pool=pool, hashes=hashes))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(p.nbytes for p in plan)},
@@ -121,37 +462,246 @@ def write_weights(directory: Path, plan: list[PlannedTensor], prefix: str = "mod
     return names, digests
 
 
-# --------------------------------------------------------------------------- atomic directories
+# --------------------------------------------------------------------------- writing files and directories
 
 
-@contextlib.contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only on success."""
-    out = Path(out).absolute()
-    if out.exists() and not force:
-        raise StatecastError(f"output path {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+_TEMP_PART = re.compile(r"(^|/)\.([^/]+)\.(?:partial|old|tmp)-\d+-\d+-[^/]+")
+
+
+def _final_name(path: object) -> str:
+    """A path as the user knows it: our temporary names replaced by the names they become."""
+    return _TEMP_PART.sub(r"\1\2", str(path))
+
+
+def _os_error(e: OSError, path: Path) -> StatecastError:
+    """An environment failure (disk full, permission, read-only file system...) in one line,
+    naming the output path (and the file within it, where that says more)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    where = _final_name(path)
+    inner = _final_name(e.filename) if e.filename else None
+    if inner and inner != where and inner.startswith(where + "/"):
+        where = inner
+    return StatecastError(f"cannot write {where}: {reason}")
+
+
+def check_writable(directory: Path, name: str | None = None) -> None:
+    """Fail early (before minutes of work) where nothing can be written into ``directory`` (the
+    error names ``directory / name``, the file to be written): a read-only file system, no
+    permission. (A full disk shows only when the data is written.)"""
     try:
-        yield tmp
-        if out.exists():  # --force: move the old one aside, swap, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix("probe", "tmp"), dir=directory)
+    except OSError as e:
+        raise _os_error(e, Path(directory) / name if name else Path(directory)) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race other threads)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = 0o022
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("Umask:"):
+                    _UMASK = int(line.split()[1], 8)
+    return _UMASK
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a uniquely named temporary file in the same directory and
+    ``os.replace``: readers see the old file or the new one, never a partial one, and
+    concurrent writers never collide. Failures are one-line errors; nothing is left behind."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    clean_stale(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name, "tmp"), dir=path.parent)
+    except OSError as e:
+        raise _os_error(e, path) from None
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _os_error(e, path) from None
         raise
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def is_statecast_output(path: Path) -> bool:
+    """A directory statecast wrote, which ``--force`` may replace: one holding a
+    ``statecast.json`` (a unified model, an ONNX export) or an :data:`EXPORT_MARKER` (an HF
+    export), or an empty directory. Never anything else (a parent directory, a checkpoint)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if (path / META_FILE).is_file() or (path / EXPORT_MARKER).is_file():
+        return True
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
+def _relation(out: Path, src: Path, inside_ok: bool) -> str | None:
+    real_out, real_src = out.resolve(), src.resolve()
+    if real_out == real_src:
+        return "is"
+    if real_src.is_relative_to(real_out):
+        return "contains"
+    if not inside_ok and real_src.is_dir() and real_out.is_relative_to(real_src):
+        return "is inside"
+    return None
+
+
+def check_output(out: Path, force: bool, sources: Sequence[Path] = (), keep: Sequence[Path] = ()) -> Path:
+    """Refuse an output path before any work: one under a regular file; one that is, contains
+    or is inside a ``source`` (the checkpoint being converted), or is or contains a ``keep``
+    path (the model being exported, whose own subdirectories are fine); an existing one
+    without ``force``; and under ``force``, one that is not a statecast output. Returns it
+    absolute."""
+    out = Path(out).absolute()
+    for p, inside_ok in [(Path(s), False) for s in sources] + [(Path(k), True) for k in keep]:
+        rel = _relation(out, p, inside_ok)
+        if rel:
+            raise StatecastError(f"output path {out} {rel} the source {p}; choose an output outside it")
+    anc = out.parent
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if os.path.lexists(anc) and not anc.is_dir():
+        raise StatecastError(f"cannot create {out}: {anc} is not a directory")
+    if os.path.lexists(out):
+        if not force:
+            raise StatecastError(f"output path {out} already exists (pass --force to replace it)")
+        if not is_statecast_output(out):
+            raise _not_ours(out)
+    return out
+
+
+def _not_ours(out: Path) -> StatecastError:
+    return StatecastError(f"refusing to replace {out} with --force: it is not a statecast output (it has no {META_FILE} "
+                          f"or {EXPORT_MARKER}); remove it yourself or choose another output path")
+
+
+# renameat2(2): swap two paths atomically, or rename without replacing (Linux; None elsewhere)
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_renameat2_fn: object = None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """True when done; False when this system or file system does not support it."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2_fn = fn
+        except (AttributeError, OSError, TypeError):
+            _renameat2_fn = False
+    if not _renameat2_fn:
+        return False
+    at_fdcwd = -100
+    if _renameat2_fn(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename, failing with FileExistsError if ``dst`` exists (even an empty directory,
+    which a plain rename would silently replace)."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    _rename(src, dst)
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``out``. Without ``force``, an ``out`` that appeared
+    meanwhile is an error and is left alone. With it, a statecast output is swapped out
+    atomically (or, where the system cannot swap, moved aside and put back on failure)."""
+    if not os.path.lexists(out):
+        try:
+            _rename_noreplace(tmp, out)
+            return
+        except FileExistsError:
+            if not force:
+                raise StatecastError(f"output path {out} appeared while writing it; it was left as it is "
+                                     f"(pass --force to replace it)") from None
+    elif not force:
+        raise StatecastError(f"output path {out} appeared while writing it; it was left as it is "
+                             f"(pass --force to replace it)")
+    if not is_statecast_output(out):
+        raise _not_ours(out)
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old output (a stale name if we die here)
+        return
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, "old"), dir=out.parent))
+    old.rmdir()
+    _rename(out, old)
+    try:
+        _rename_noreplace(tmp, out)
+    except BaseException:
+        try:
+            _rename(old, out)
+        except OSError as e:
+            raise StatecastError(f"replacing {out} failed and the old output could not be put back: it is in {old} "
+                                 f"({e.strerror})") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, force: bool = False, sources: Sequence[Path] = (), keep: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; rename it to ``out`` only on success.
+
+    :func:`check_output` first (``sources``: what is being converted, which the output may
+    not be, contain or sit inside; ``keep``: what it may not be or contain). Leftovers of
+    killed runs beside ``out`` are removed. An OSError with an errno while writing (disk
+    full, permission...) becomes a one-line :class:`StatecastError`; on any failure the
+    temporary directory is removed and an existing output is untouched."""
+    out = check_output(out, force, sources, keep)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, "partial"), dir=out.parent))
+    except OSError as e:
+        raise _os_error(e, out) from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an output gets the usual mode
+        yield tmp
+        _install(tmp, out, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno is None:  # not an environment failure: a bug or an injected fault, as it is
+            raise
+        raise _os_error(e, out) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------- reading a unified model
@@ -179,6 +729,10 @@ class UnifiedModel:
     def weight_paths(self) -> list[Path]:
         return [self.path / f for f in self.meta["weights"]]
 
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer files that exist, each a name checked to stay inside the model."""
+        return [n for n in self.meta.get("tokenizer", []) if contained(self.path, n, f"{self.path / META_FILE}: tokenizer").is_file()]
+
     def tensors(self):
         return open_tensors(self.weight_paths())
 
@@ -192,31 +746,143 @@ class UnifiedModel:
         write_json_atomic(self.path / META_FILE, self.meta)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def is_unified(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TORCH_DTYPES = {dtype_name(d): code for code, d in ST_DTYPES.items()}
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# key -> (type, what is expected)
+_REQUIRED: dict[str, tuple[type, str]] = {
+    "family": (str, "the family name (a string)"),
+    "config": (dict, "the unified config (an object)"),
+    "weights": (list, "a list of weight file names"),
+    "tensors": (dict, "the tensor manifest (an object of name -> shape, dtype, sha256)"),
+    "tokenizer": (list, "a list of tokenizer file names"),
+    "dtype": (str, "the main dtype (a string)"),
+    "n_params": (int, "the parameter count (an integer)"),
+    "source": (dict, "the provenance (an object)"),
+}
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META_FILE
+    try:
+        raw = meta_path.read_bytes()
+    except OSError as e:
+        raise StatecastError(f"cannot read {meta_path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StatecastError(f"corrupt {meta_path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise StatecastError(f"corrupt {meta_path}: nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise StatecastError(f"corrupt {meta_path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise StatecastError(f"corrupt {meta_path}: expected a JSON object, got {_kind(meta)}")
+    return meta
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """Types of ``statecast.json``'s keys, and every path in it inside ``path``."""
+    where = path / META_FILE
+    if meta.get("format") != FORMAT:
+        raise StatecastError(f"{where}: unsupported format {meta.get('format')!r:.60} (this is statecast {__version__}, reads {FORMAT})")
+    for key, (typ, what) in _REQUIRED.items():
+        if key not in meta:
+            raise StatecastError(f"{where}: missing key {key!r}; expected {what}")
+        value = meta[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise StatecastError(f"{where}: {key!r} must be {what}, got {_kind(value)}")
+    for key in ("weights", "tokenizer"):
+        for name in meta[key]:
+            if not isinstance(name, str):
+                raise StatecastError(f"{where}: {key!r} must be {_REQUIRED[key][1]}, got an entry that is {_kind(name)}")
+            contained(path, name, f"{where}: {key!r}")
+    if not meta["weights"]:
+        raise StatecastError(f"{where}: 'weights' is empty; expected the weight files")
+    if len(set(meta["weights"])) != len(meta["weights"]):
+        raise StatecastError(f"{where}: 'weights' names a file twice")
+    for name, entry in meta["tensors"].items():
+        if not isinstance(entry, dict):
+            raise StatecastError(f"{where}: tensors[{name!r}] must be an object with shape, dtype and sha256, got {_kind(entry)}")
+        shape, dtype, digest = entry.get("shape"), entry.get("dtype"), entry.get("sha256")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise StatecastError(f"{where}: tensors[{name!r}].shape must be a list of non-negative integers, got {shape!r:.60}")
+        if dtype not in _TORCH_DTYPES:
+            raise StatecastError(f"{where}: tensors[{name!r}].dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r:.40}")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise StatecastError(f"{where}: tensors[{name!r}].sha256 must be 64 lowercase hex digits, got {digest!r:.80}")
+
+
+def _check_weights(path: Path, meta: dict) -> None:
+    """The weight files hold exactly the manifest's tensors, with its shapes and dtypes, and
+    are exactly as long as their headers say (readers validate the offsets)."""
+    where = path / META_FILE
+    manifest = meta["tensors"]
+    seen: dict[str, str] = {}
+    for f in meta["weights"]:
+        fp = path / f
+        if not fp.is_file():
+            raise StatecastError(f"{path}: weight file {f} is missing")
+        layout = safetensors_layout(fp)
+        end = max((e for _, _, _, e in layout.tensors.values()), default=layout.data_start)
+        if end != layout.size:
+            raise StatecastError(f"{fp}: {layout.size} bytes, its header describes {end}")
+        for name, (code, shape, _, _) in layout.tensors.items():
+            if name in seen:
+                raise StatecastError(f"{fp}: tensor {name!r} is also in {seen[name]}; expected each tensor once")
+            seen[name] = f
+            entry = manifest.get(name)
+            if entry is None:
+                raise StatecastError(f"{fp}: tensor {name!r} is not in the manifest of {where}")
+            if list(shape) != entry["shape"] or _TORCH_DTYPES[entry["dtype"]] != code:
+                raise StatecastError(f"{fp}: tensor {name!r} is {list(shape)} {dtype_name(ST_DTYPES[code])} in the file, "
+                                     f"{entry['shape']} {entry['dtype']} in {where}")
+    missing = [n for n in manifest if n not in seen]
+    if missing:
+        raise StatecastError(f"{where}: tensor {missing[0]!r} (of {len(missing)} missing) is in none of the weight files "
+                             f"{', '.join(meta['weights'])}")
+
+
 def open_unified(path: Path | str) -> UnifiedModel:
+    """Open a unified model after the cheap integrity checks (see the module docstring)."""
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
         if not path.exists():
             raise StatecastError(f"no such model: {path}")
         raise StatecastError(f"{path} is not a statecast model (no {META_FILE}); convert it first with `convert pull`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise StatecastError(f"corrupt {meta_path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise StatecastError(f"{meta_path}: unsupported format {meta.get('format')!r} (this is statecast {__version__}, reads {FORMAT})")
-    for f in meta.get("weights", []):
-        if not (path / f).is_file():
-            raise StatecastError(f"{path}: weight file {f} is missing")
-        read_safetensors_header(path / f)
+    meta = _read_meta(path)
+    _check_meta(path, meta)
+    _check_weights(path, meta)
     return UnifiedModel(path=path, meta=meta)
+
+
+def verify_tensor_hashes(um: UnifiedModel, progress: Callable[[int], None] | None = None) -> None:
+    """Compare every tensor's bytes with its sha256 in the manifest: one read of each file,
+    tensors hashed in parallel. A mismatch is an error naming the tensor and the file."""
+    manifest = um.meta["tensors"]
+    with FileHasher() as hasher:
+        jobs = []
+        for f in um.weight_paths():
+            layout = safetensors_layout(f)
+            for name, (_, _, b, e) in sorted(layout.tensors.items(), key=lambda kv: kv[1][2]):
+                jobs.append((f, name, e - b, hasher.range(f, b, e)))
+        for f, name, nbytes, fut in jobs:
+            if fut.result() != manifest[name]["sha256"]:
+                raise StatecastError(f"{f}: tensor {name!r} does not match its sha256 in {um.path / META_FILE} "
+                                     f"(the model was modified after conversion)")
+            if progress is not None:
+                progress(nbytes)

@@ -14,17 +14,20 @@ pickle is an error, never code execution.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import mmap
+import os
 import pickle
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import StatecastError
+from .validate import MAX_HEADER_BYTES, check_safetensors_header, contained, first_line, read_json_object
 
 # safetensors dtype codes <-> torch dtypes (shared with the writer).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -40,6 +43,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 ST_CODES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+ST_ITEMSIZES: dict[str, int] = {k: v.itemsize for k, v in ST_DTYPES.items()}
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -105,31 +109,18 @@ class TensorSource:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; a short or corrupt file is an error."""
+    """Parse and validate a safetensors header (:func:`validate.check_safetensors_header`):
+    a short, corrupt or inconsistent file is an error naming the file and the tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise StatecastError(f"truncated safetensors file {path}: {size} bytes, no header")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise StatecastError(f"truncated or corrupt safetensors file {path}: header of {n} bytes in a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise StatecastError(f"corrupt safetensors file {path}: header is not JSON") from None
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in ST_DTYPES:
-            raise StatecastError(f"unsupported dtype {info.get('dtype')!r} for tensor {name!r} in {path}")
-        end = max(end, info["data_offsets"][1])
-    if 8 + n + end > size:
-        raise StatecastError(
-            f"truncated safetensors file {path}: tensors need {8 + n + end} bytes, the file has {size}"
-        )
-    return header
+        raw = f.read(n)
+    return check_safetensors_header(path, raw, size, ST_ITEMSIZES)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -171,6 +162,12 @@ class _SafetensorsFile:
         return torch.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=start - base).reshape(shape)
 
 
+def _claim(src: TensorSource, name: str, path: Path) -> None:
+    if name in src._where:
+        raise StatecastError(f"tensor {name!r} is in both {src._where[name]} and {path}; expected each tensor once")
+    src._where[name] = path
+
+
 def _add_safetensors(src: TensorSource, path: Path) -> None:
     header = read_safetensors_header(path)
     f = open(path, "rb", buffering=0)
@@ -179,7 +176,7 @@ def _add_safetensors(src: TensorSource, path: Path) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        src._where[name] = path
+        _claim(src, name, path)
         src._meta[name] = (tuple(info["shape"]), ST_DTYPES[info["dtype"]])
         offsets[name] = tuple(info["data_offsets"])
     src._handles[path] = _SafetensorsFile(path, f, 8 + n, offsets)
@@ -188,26 +185,42 @@ def _add_safetensors(src: TensorSource, path: Path) -> None:
 # --------------------------------------------------------------------------- torch pickles
 
 
+# torch.load honours this variable to turn a load without ``weights_only`` into a full
+# unpickle (older versions even overrode an explicit ``weights_only=True``): never for us.
+UNSAFE_TORCH_ENV = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def restricted_unpickling():
+    """Run ``torch.load`` calls with the variables that could lift ``weights_only`` removed."""
+    with _env_lock:
+        saved = {n: os.environ.pop(n) for n in UNSAFE_TORCH_ENV if n in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+
+
 def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors, memory-mapped when the file allows it."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with restricted_unpickling():
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StatecastError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint (unsafe pickle: {first})"
+            f"refusing to load {path}: it is not a plain tensor checkpoint (unsafe pickle: {first_line(e)})"
         ) from None
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StatecastError(f"cannot read {path}: {msg}") from None
+    except Exception as e:  # a corrupt file raises anything: EOFError, KeyError, UnicodeDecodeError...
+        raise StatecastError(f"cannot read {path}: {first_line(e)} ({type(e).__name__})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise StatecastError(f"{path} does not hold a flat name -> tensor dictionary")
     return obj
 
@@ -216,7 +229,7 @@ def _add_torch(src: TensorSource, path: Path) -> None:
     sd = load_torch_pickle(path)
     src._handles[path] = sd
     for name, t in sd.items():
-        src._where[name] = path
+        _claim(src, name, path)
         src._meta[name] = (tuple(t.shape), t.dtype)
 
 
@@ -227,30 +240,42 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory or file, preferring safetensors."""
+    """The weight files of a checkpoint directory or file, preferring safetensors.
+
+    A path named by an index, or a file found in the directory, must stay inside the
+    directory (no absolute path, no ``..``, no symlink out of it): a checkpoint from the Hub
+    must never make statecast read the user's own files."""
     path = Path(path)
     if path.is_file():
         return [path]
     for index in WEIGHT_INDEXES:
         if (path / index).is_file():
-            try:
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise StatecastError(f"corrupt index file {path / index}") from None
-            files = sorted({path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise StatecastError(f"{path / index} names shard(s) that are missing: {', '.join(missing)}")
-            return files
+            return _shards(path, path / index)
     for name in WEIGHT_FILES:
         if (path / name).is_file():
-            return [path / name]
+            return [contained(path, name, str(path))]
     pth = sorted(path.glob("*.pth"))
     if len(pth) == 1:
-        return pth
+        return [contained(path, pth[0].name, str(path))]
     if len(pth) > 1:
         raise StatecastError(f"{path} holds several .pth files ({', '.join(p.name for p in pth)}); pass one")
     return []
+
+
+def _shards(root: Path, index: Path) -> list[Path]:
+    contained(root, index.name, str(root))
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise StatecastError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
+                             f"got {weight_map!r:.80}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise StatecastError(f"{index}: weight_map[{name!r}] must be a shard file name, got {shard!r:.80}")
+    files = sorted({contained(root, f, f"{index}: weight_map") for f in weight_map.values()})
+    missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
+    if missing:
+        raise StatecastError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+    return files
 
 
 def open_tensors(files: list[Path]) -> TensorSource:

@@ -1,4 +1,5 @@
-"""``convert inspect``: what a unified model or a source checkpoint holds."""
+"""``convert inspect``: what a unified model or a source checkpoint holds; ``--check``
+compares every tensor with its manifest sha256."""
 
 from __future__ import annotations
 
@@ -6,17 +7,82 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoints.layout import is_unified, open_unified
+from ..checkpoints.layout import META_FILE, UnifiedModel, is_unified, open_unified, verify_tensor_hashes
 from ..checkpoints.readers import dtype_name, open_tensors
-from ..families import detect
+from ..checkpoints.store import PARITY_FILE, read_parity
+from ..errors import StatecastError
+from ..families import FAMILIES, detect
+
+PARITY_KEYS = ("passed", "max_abs_diff", "nmse_db", "kl_max", "top1_agreement", "greedy_agreement")
 
 
-def inspect_path(path: str | Path) -> dict:
+def check_model(um: UnifiedModel) -> None:
+    """The checks of a unified model that need its family (beyond :func:`open_unified`'s): the
+    family is known and the manifest holds exactly the tensors, with the shapes, that the
+    family's model has for the recorded config (a config of 3 layers beside weights of 2 is
+    an error naming the first tensor that differs)."""
+    where = um.path / META_FILE
+    fam = FAMILIES.get(um.family)
+    if fam is None:
+        raise StatecastError(f"{where}: unknown family {um.family!r:.60}; expected one of {', '.join(FAMILIES)}")
+    try:
+        expected = fam.expected_shapes(um.config)
+    except Exception as e:  # a config the model class refuses: any exception, named in one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise StatecastError(f"{where}: config does not describe a {um.family} model ({first})") from None
+    manifest = um.meta["tensors"]
+    for name, shape in expected.items():
+        if name not in manifest:
+            raise StatecastError(f"{where}: the config ({_config_line(um.config)}) needs tensor {name!r}, "
+                                 f"which the manifest does not have")
+        if tuple(manifest[name]["shape"]) != tuple(shape):
+            raise StatecastError(f"{where}: tensor {name!r} is {manifest[name]['shape']} in the manifest, "
+                                 f"the config ({_config_line(um.config)}) needs {list(shape)}")
+    extra = [n for n in manifest if n not in expected]
+    if extra:
+        raise StatecastError(f"{where}: the manifest has tensor {extra[0]!r}, which the config "
+                             f"({_config_line(um.config)}) does not need")
+
+
+def _config_line(cfg: dict) -> str:
+    keys = [k for k in ("n_layer", "d_model", "vocab_size") if k in cfg]
+    return ", ".join(f"{k} {cfg[k]}" for k in keys) or "as recorded"
+
+
+def check_unified(path: str | Path, progress=None) -> UnifiedModel:
+    """``convert inspect --check``: the cheap checks, the family's shapes, and the sha256 of
+    every tensor (one read of each weight file, tensors hashed in parallel)."""
+    um = open_unified(path)
+    check_model(um)
+    verify_tensor_hashes(um, progress=progress)
+    return um
+
+
+def _parity_summary(path: Path) -> dict | None:
+    """parity.json's headline metrics; ``{"status": "parity.json unreadable"}`` when it cannot
+    be read (empty, corrupt, not an object), never an exception."""
+    passed, status = read_parity(path)
+    if status == "not verified":
+        return None
+    try:
+        report = json.loads((path / PARITY_FILE).read_bytes().decode("utf-8")) if passed is not None else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # replaced meanwhile by a broken one
+        report, status = None, f"{PARITY_FILE} unreadable"
+    if not isinstance(report, dict):
+        return {"passed": None, "status": status}
+    return {**{k: report.get(k) for k in PARITY_KEYS}, "status": status}
+
+
+def inspect_path(path: str | Path, check: bool = False) -> dict:
+    """Describe a unified model or a source checkpoint. ``check`` (``inspect --check``, unified
+    models): also compare every tensor with its manifest sha256 (an error naming the tensor
+    and the file when one differs); the result then says ``"integrity": "ok"``."""
     path = Path(path)
     if is_unified(path):
-        um = open_unified(path)
-        parity = json.loads((path / "parity.json").read_text()) if (path / "parity.json").is_file() else None
-        return {
+        um = check_unified(path) if check else open_unified(path)
+        if not check:
+            check_model(um)
+        info = {
             "kind": "unified",
             "path": str(path),
             "family": um.family,
@@ -27,9 +93,15 @@ def inspect_path(path: str | Path) -> dict:
             "weights": um.meta["weights"],
             "tokenizer": um.meta.get("tokenizer", []),
             "n_tensors": len(um.meta["tensors"]),
-            "parity": None if parity is None else {k: parity.get(k) for k in ("passed", "max_abs_diff", "nmse_db", "kl_max", "top1_agreement", "greedy_agreement")},
+            "parity": _parity_summary(path),
             "onnx": sorted(p.name for p in (path / "onnx").glob("*.onnx")) if (path / "onnx").is_dir() else [],
         }
+        if check:
+            info["integrity"] = "ok"
+        return info
+    if check:
+        raise StatecastError(f"{path}: --check applies to a converted model (a directory with {META_FILE}); "
+                             f"this is a source checkpoint")
     det = detect(path)
     with open_tensors(det.files) as src:
         n = sum(math.prod(src.shape(k)) for k in src.keys())
@@ -65,9 +137,9 @@ def render(info: dict) -> str:
             f"  source:    {src['id']} ({src['format']}" + (f", {src['revision']} @ {src['sha'][:12]}" if src.get("sha") else "") + ")",
             f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}",
         ]
-        p = info["parity"]
-        lines.append("  parity:    " + ("not verified" if p is None else
-                     f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.3g}, NMSE {_db(p['nmse_db'])}, top-1 {p['top1_agreement']:.3f})"))
+        lines.append("  parity:    " + _parity_line(info["parity"]))
+        if "integrity" in info:
+            lines.append(f"  integrity: {info['integrity']} (every tensor matches its sha256)")
     else:
         lines += [
             f"  format:    {info['format']}" + (f" ({info['architecture']})" if info["architecture"] else ""),
@@ -78,9 +150,25 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _parity_line(p: dict | None) -> str:
+    if p is None:
+        return "not verified"
+    if p.get("passed") is None:
+        return p.get("status", f"{PARITY_FILE} unreadable")
+    return (f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {_num(p.get('max_abs_diff'), '.3g')}, "
+            f"NMSE {_db(p.get('nmse_db'))}, top-1 {_num(p.get('top1_agreement'), '.3f')})")
+
+
+def _num(x, fmt: str) -> str:
+    """A metric from parity.json: None (NaN or Inf when it was written) or a wrong type reads as n/a."""
+    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
 def _db(nmse: float | None) -> str:
     """parity.json's NMSE: None means identical outputs (see parity/metrics.py)."""
-    return "exact" if nmse is None else f"{nmse:.1f} dB"
+    if nmse is None:
+        return "exact"
+    return f"{nmse:.1f} dB" if isinstance(nmse, (int, float)) and not isinstance(nmse, bool) else "n/a"
 
 
 def _counts(kinds: list[str]) -> str:

@@ -16,7 +16,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, **sampling) 
     """Prefill ``prompt_ids`` with the whole-sequence path, then one step per new token; the new
     ids. ``sampling``: the keywords of :func:`statecast.runtime.text.decode` (greedy by default;
     ``temperature``, ``top_p``, ``seed``, ``stop_ids``, ``on_token``), the loop and sampler the
-    ONNX runtime uses too, so a seed gives the same tokens in both."""
+    ONNX runtime uses too, so a seed gives the same tokens in both. A model with a learned
+    position table refuses, before generating, a prompt plus ``max_new_tokens`` that does not fit."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "positions", None) == "learned":
+        sampling.setdefault("max_positions", cfg.max_positions)
     device = next(model.parameters()).device
     state = None
 
@@ -37,5 +41,5 @@ def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None
     ids = prompt_ids_of(tok, prompt, prompt_ids, um.config["vocab_size"], um.path)
     stream = TextStream(tok, on_text)
     generate_ids(model, ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
-                 on_token=stream)
+                 on_token=stream, where=str(um.path))
     return {"prompt_ids": ids, "new_ids": stream.ids, "text": stream.text()}

@@ -11,6 +11,7 @@ from ..checkpoints.readers import parse_dtype
 from ..errors import StatecastError
 from ..families import FAMILIES
 from ..runtime.text import tokenizer_in
+from .describe import check_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -31,6 +32,7 @@ def load_model(path: str | Path | UnifiedModel, dtype: str | None = None, device
     cannot be built here.
     """
     um = path if isinstance(path, UnifiedModel) else open_unified(path)
+    check_model(um)  # the manifest's shapes are what the recorded config builds
     fam = FAMILIES[um.family]
     dev = resolve_device(device)
     if kernels not in fam.kernels:

@@ -12,13 +12,22 @@ import json
 import shutil
 from pathlib import Path
 
-from ..checkpoints.layout import PlannedTensor, atomic_directory, open_unified, write_weights
+from .. import __version__
+from ..checkpoints.layout import EXPORT_MARKER, PlannedTensor, atomic_directory, open_unified, verify_tensor_hashes, write_weights
+from ..convert.describe import check_model
 from ..families import format_by_name
 from ..families.tables import TRANSFORMS, group_by_source, unstack
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the unified model at ``model_path`` in Hugging Face format into ``out`` (atomically;
+    ``force`` replaces only a statecast output, and ``out`` may not be or contain the model).
+    The model is checked first: its manifest against the family (a config that does not
+    match the tensors is an error) and every tensor against its sha256 (a model modified
+    after conversion is refused, naming the tensor)."""
     um = open_unified(model_path)
+    check_model(um)
+    verify_tensor_hashes(um)
     fam, arch, fmt = format_by_name(um.source.get("format", ""))
     base = um.source.get("hf_config")
     if arch is None:  # a native source: write the family's Hub architecture, from scratch
@@ -26,7 +35,7 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> d
         fmt, base = arch.formats[0], None
     cfg = arch.hf_config(um.config, base)
     out = Path(out).absolute()
-    with um.tensors() as tensors, atomic_directory(out, force=force) as tmp:
+    with um.tensors() as tensors, atomic_directory(out, force=force, keep=[um.path]) as tmp:
         plan = []
         for key, names, transform in group_by_source(fmt, tensors.keys()):
             t = TRANSFORMS[transform]
@@ -39,10 +48,12 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> d
                 return t.join(tuple(tensors.get(n) for n in names))
 
             plan.append(PlannedTensor(key, shape, tensors.dtype(names[0]), produce))
-        files, _ = write_weights(tmp, plan)
+        files, _ = write_weights(tmp, plan, hashes=False)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for name in um.meta.get("tokenizer", []):
+        for name in um.tokenizer_files():  # names checked to stay inside the model (and so inside tmp)
             shutil.copyfile(um.path / name, tmp / name)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "statecast-hf-export/1", "model": str(um.path),
+                                                      "created_by": f"statecast {__version__}"}) + "\n")
     return {"path": str(out), "format": "hf", "family": um.family, "architecture": arch.architecture,
             "weights": files, "n_tensors": len(plan)}
 

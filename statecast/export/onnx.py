@@ -448,7 +448,7 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
     slots = state_slots(model, family.state)
     swap_moe(model, moe_op)  # each MoE layer traced as one node; eager (the parity reference) as before
     dynamic_length = family.onnx_dynamic_length
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, keep=[um.path]) as tmp:
         scratch = tmp / ".trace"
         scratch.mkdir()
         say(f"tracing the {um.family} model ({TRACE_DTYPE[dtype]}, T {'dynamic' if dynamic_length else '1'})")
@@ -460,7 +460,7 @@ def export_onnx(model_path: str | Path, dtype: str = "fp32", out: str | Path | N
             graph = scratch / "int8.onnx"
         external = save_graph(graph, tmp, external_data_bytes)
         shutil.rmtree(scratch)
-        tokenizer = [name for name in um.meta.get("tokenizer", []) if (um.path / name).is_file()]
+        tokenizer = um.tokenizer_files()  # names checked to stay inside the model (and so inside tmp)
         for name in tokenizer:
             shutil.copyfile(um.path / name, tmp / name)
         desc = describe(model, um, slots, dtype, dynamic_length, tmp, external, tokenizer)

@@ -8,11 +8,12 @@ two families' matchers accept: which family is tried first never decides anythin
 
 from __future__ import annotations
 
-import json
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.readers import weight_files
+from ..checkpoints.validate import check_tokenizer, contained, first_line, read_json_object
 from ..errors import StatecastError
 from . import jamba, mamba, rwkv, transformer
 from .record import Family, HfArch
@@ -87,10 +88,18 @@ class Detected:
 
 
 def _tokenizer_files(root: Path) -> dict[str, Path]:
+    """Tokenizer files by name (unified name -> source file), each checked: inside ``root``,
+    JSON files valid JSON objects, ``tokenizer.json`` loadable by the tokenizers library."""
     found = {name: root / name for name in TOKENIZER_FILES if (root / name).is_file()}
     for src, dst in NATIVE_TOKENIZERS.items():
         if (root / src).is_file() and dst not in found:
             found[dst] = root / src
+    for name, f in found.items():
+        contained(root, f.name, str(root))
+        if name == "tokenizer.json":
+            check_tokenizer(f)
+        elif name.endswith(".json"):
+            read_json_object(f)
     return found
 
 
@@ -123,12 +132,8 @@ def detect(path: Path) -> Detected:
     config_path = root / "config.json"
     cfg = None
     if path.is_dir() and config_path.is_file():
-        try:
-            cfg = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StatecastError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise StatecastError(f"{config_path} is not a JSON object")
+        contained(root, config_path.name, str(root))
+        cfg = read_json_object(config_path)
     files = weight_files(path)
     if cfg is not None and "model_type" in cfg:
         fam, arch = arch_for_model_type(cfg.get("model_type"), str(path))
@@ -143,6 +148,13 @@ def detect(path: Path) -> Detected:
 
 def _detect_native(root: Path, files: list[Path], cfg: dict | None, where: str) -> Detected:
     keys = _source_keys(files)
+    try:  # the matchers read the tensor names and the config.json, which can hold anything
+        return _match_native(root, files, cfg, where, keys)
+    except (ValueError, TypeError, AttributeError, ArithmeticError, IndexError, KeyError) as e:
+        raise StatecastError(f"{root / 'config.json' if cfg is not None else where}: {first_line(e)}") from None
+
+
+def _match_native(root: Path, files: list[Path], cfg: dict | None, where: str, keys: list[str]) -> Detected:
     accepted = [fam for fam in FAMILIES.values() if fam.native is not None and fam.native.match(keys, cfg)]
     if len(accepted) > 1:
         raise StatecastError(f"{where}: the tensor names match the native formats of several families "
@@ -160,16 +172,55 @@ def _detect_native(root: Path, files: list[Path], cfg: dict | None, where: str) 
 
 
 def unified_config(det: Detected, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The unified config of a detected checkpoint, every value checked against the model's
+    config class (:func:`statecast.arch.layers.config_from_unified`) before anything is
+    written; a bad value is named by the config.json key it came from where it has one."""
+    from ..arch.layers import ConfigValueError
+
     fam = det.family
-    where = det.root / "config.json"
+
+    def from_source(hf_config: dict | None) -> dict:
+        return det.arch.config_from_hf(hf_config) if det.arch else fam.native.config(shapes, hf_config)
+
+    where = det.root / "config.json" if det.hf_config is not None else det.root
     try:
-        cfg = det.arch.config_from_hf(det.hf_config) if det.arch else fam.native.config(shapes, det.hf_config)
         cfg_cls, _ = fam.model_classes()
-        return cfg_cls.from_unified(cfg).to_unified()
+        ucfg = cfg_cls.from_unified(from_source(det.hf_config)).to_unified()
+    except ConfigValueError as e:
+        key = _source_key(from_source, det.hf_config, e.field) or f"{e.field} (unified config)"
+        raise StatecastError(f"{where}: {key}: expected {e.expected}, got {e.value!r:.80}") from None
     except KeyError as e:
         raise StatecastError(f"{where} lacks the field {e.args[0]!r}") from None
-    except (ValueError, TypeError) as e:
-        raise StatecastError(f"{where}: {e}") from None
+    except (ValueError, TypeError, AttributeError, ArithmeticError, IndexError) as e:
+        raise StatecastError(f"{where}: {first_line(e)}") from None
+    if ucfg.get("n_layer", 0) > len(shapes):  # every layer has at least one tensor
+        key = _source_key(from_source, det.hf_config, "n_layer") or "n_layer"
+        raise StatecastError(f"{where}: {key}: {ucfg['n_layer']} layers, but the checkpoint holds only {len(shapes)} tensors")
+    return ucfg
+
+
+_PROBES = (object(), 987654321, 0.123456789)  # values that no config holds or computes by accident
+
+
+def _source_key(from_source, hf_config: dict | None, field: str) -> str | None:
+    """The config.json key (``a.b`` when nested) that unified ``field`` comes from, found by
+    probing: a marker put under the key comes out in ``field``. None when no key does (the
+    value is computed, or there is no config.json)."""
+    if not hf_config:
+        return None
+    paths = [(k,) for k in hf_config] + [(k, j) for k, v in hf_config.items() if isinstance(v, dict) for j in v]
+    for path in paths:
+        for marker in _PROBES:
+            probe = copy.deepcopy(hf_config)
+            parent = probe if len(path) == 1 else probe[path[0]]
+            parent[path[-1]] = marker
+            try:
+                value = from_source(probe).get(field)
+            except Exception:
+                continue
+            if value is marker or (type(value) is type(marker) and value == marker):
+                return ".".join(path)
+    return None
 
 
 def make_reference(fmt_name: str, path: Path, device, ucfg: dict, dtype=None):

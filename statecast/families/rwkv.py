@@ -170,12 +170,50 @@ class RwkvPackageReference(Reference):
         # The package reads these at import time; they select its pure-PyTorch path.
         os.environ.setdefault("RWKV_JIT_ON", "0")
         os.environ["RWKV_CUDA_ON"] = "0"
-        with contextlib.redirect_stdout(io.StringIO()):
+        path = Path(path)
+        if path.is_dir():  # --reference DIR: the one .pth in it
+            from ..checkpoints.readers import weight_files
+
+            path = next(iter(weight_files(path)), path)
+        if path.suffix != ".pth":  # the package appends ".pth" to any other name
+            raise StatecastError(f"{path}: BlinkDL's rwkv package reads a .pth file; expected a path ending in .pth")
+        # The package calls torch.load without weights_only: the file is read first by
+        # statecast's restricted reader (an unsafe pickle is refused here, never run), and the
+        # package's own load runs with weights_only forced on (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD,
+        # which would lift it, removed meanwhile).
+        import pickle
+
+        from ..checkpoints.readers import load_torch_pickle
+
+        load_torch_pickle(path)
+        with contextlib.redirect_stdout(io.StringIO()), self._weights_only_loads():
             from rwkv.model import RWKV
 
-            self.model = RWKV(model=str(path), strategy=f"{device.type} fp32", verbose=False)
+            try:
+                self.model = RWKV(model=str(path), strategy=f"{device.type} fp32", verbose=False)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise StatecastError(f"refusing to load {path}: it is not a plain tensor checkpoint ({first})") from None
         self.implementation = "rwkv.model.RWKV"
         self.weights = f"RWKV(model={str(path)!r}, strategy='{device.type} fp32')"
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _weights_only_loads():
+        """``torch.load`` calls made meanwhile are restricted to tensors whatever their caller
+        asks: the variable that lifts the restriction is removed and the one that forces it set."""
+        lift, force = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+        saved = {k: os.environ.get(k) for k in (lift, force)}
+        os.environ.pop(lift, None)
+        os.environ[force] = "1"
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def _run(self, tokens: list[int], state=None):
         with contextlib.redirect_stdout(io.StringIO()):

@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoints.layout import open_unified, sha256_file, write_json_atomic
+from ..checkpoints.layout import (
+    check_file_digests,
+    check_writable,
+    open_unified,
+    verify_tensor_hashes,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ..checkpoints.readers import parse_dtype
 from ..convert.generate import generate_ids
 from ..convert.loading import load_model, load_tokenizer, resolve_device
@@ -94,26 +101,70 @@ def default_dtype(meta: dict) -> str:
     return "float32" if source_dtype is not None and source_dtype == meta["dtype"] else meta["dtype"]
 
 
+def check_reference_files(um, ref_path: Path, given: bool) -> None:
+    """The original files are the ones converted, before any reference implementation reads
+    them: each one's digest is compared with the one recorded at conversion (each byte read
+    once, files in parallel). With ``--reference`` (the files moved), the weight files found
+    there are matched to the recorded ones by name (a lone renamed file by its kind) and
+    loaded once through statecast's restricted reader (``weights_only``): a file that differs,
+    or a pickle that holds more than tensors, is refused before a loader that unpickles
+    (BlinkDL's ``rwkv`` package) sees it."""
+    from ..checkpoints.readers import open_tensors, weight_files
+
+    recorded = um.source.get("files", {})
+    if not isinstance(recorded, dict):
+        raise StatecastError(f"{um.path / 'statecast.json'}: source.files must be an object of file name -> digest")
+    root = ref_path if ref_path.is_dir() else ref_path.parent
+    if not given:
+        check_file_digests(root, recorded, "pass --reference PATH")
+        return
+    files = weight_files(ref_path)
+    if not files:
+        raise StatecastError(f"--reference {ref_path}: no weight files (.safetensors, pytorch_model*.bin or .pth) found there")
+    matched: dict[str, Path] = {}
+    expected: dict[str, str] = {}
+    for f in files:
+        try:
+            name = str(f.relative_to(root))
+        except ValueError:
+            name = f.name
+        if name not in recorded and ref_path.is_file():  # a lone checkpoint file, renamed when it moved
+            same_kind = [n for n in recorded if Path(n).suffix == f.suffix]
+            name = same_kind[0] if len(same_kind) == 1 else name
+        if name not in recorded:
+            raise StatecastError(f"--reference {ref_path}: {f.name} is not one of the files this model was converted from "
+                                 f"({', '.join(sorted(recorded)) or 'none recorded'})")
+        matched[name], expected[name] = f, recorded[name]
+    check_file_digests(root, expected, f"--reference {ref_path} is not the checkpoint {um.path} was converted from",
+                       files=matched)
+    with open_tensors(files):  # the restricted reader refuses a pickle that holds more than tensors
+        pass
+
+
 @torch.inference_mode()
 def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-               progress=None, kernels: str = "torch") -> dict:
-    """Compute the parity report (no files written)."""
+               progress=None, kernels: str = "torch", stream: bool = False, device_map: str | None = None,
+               max_memory: dict | None = None, decode: bool = False) -> dict:
+    """Compute the parity report (no files written). ``stream``: one block of each model in
+    memory at a time (:mod:`.streamed`; ``device_map``/``max_memory`` place the reference with
+    accelerate and imply it; ``decode`` also runs greedy decoding and step-vs-parallel there)."""
     um = open_unified(path)
+    verify_tensor_hashes(um)  # a tampered model is an error before anything is compared
     dev = resolve_device(device)
     src = um.source
     ref_path = Path(reference) if reference else Path(src.get("path", ""))
     if not ref_path.exists():
         raise StatecastError(f"the original files of {um.path} are not at {ref_path} any more; pass --reference PATH")
-    if reference is None:
-        root = ref_path if ref_path.is_dir() else ref_path.parent
-        for name, digest in src.get("files", {}).items():
-            f = root / name
-            if not f.is_file() or sha256_file(f) != digest:
-                raise StatecastError(f"the original file {f} is missing or changed since conversion; pass --reference PATH")
+    check_reference_files(um, ref_path, given=reference is not None)
     step = progress or (lambda msg: None)
     step("loading models")
     ours_dtype = dtype or default_dtype(um.meta)
     tol = tolerances(um.family, ours_dtype)
+    if stream or device_map is not None:
+        from .streamed import streamed_parity
+
+        return streamed_parity(um, ref_path, dev, ours_dtype, kernels=kernels, progress=step,
+                               device_map=device_map, max_memory=max_memory, decode=decode)
     model, _ = load_model(um, dtype=ours_dtype, device=str(dev), kernels=kernels)
     # the reference computes in our dtype: a lower precision is judged against the original
     # implementation in that precision, by that precision's tolerances
@@ -147,6 +198,19 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
     metrics["step_vs_parallel_max_abs_diff"] = step_diff
     metrics["step_vs_parallel_rel_diff"] = relative(step_diff, logit_scale(parallel.cpu()))
 
+    reference = {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path),
+                 "dtype": str(ref.dtype).removeprefix("torch."), "weights": ref.weights}
+    greedy = {"prompt": prompt, "tokens": GREEDY_TOKENS, "ours": ours_greedy, "reference": ref_greedy}
+    return build_report(um, reference=reference, device=dev, dtype=ours_dtype, kernels=kernels, metrics=metrics,
+                        layer_err=layer_err, layer_pow=layer_pow, per_layer_view=ref.hidden_view, tol=tol,
+                        batches=batches, greedy=greedy)
+
+
+def build_report(um, *, reference: dict, device: torch.device, dtype: str, kernels: str, metrics: dict,
+                 layer_err: list[float], layer_pow: list[float], per_layer_view: str, tol: dict, batches: list,
+                 greedy: dict | None) -> dict:
+    """The parity report (``parity.json``) from the measured metrics and per-layer error
+    sums, judged by ``tol``; shared by the in-memory and the streamed verify."""
     per_layer = [db(e, p) for e, p in zip(layer_err, layer_pow)]
     first_bad = next((i for i, v in enumerate(per_layer) if v > tol["layer_nmse_db"]), None)
     checks = judge(metrics, tol)
@@ -154,22 +218,21 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
         "passed": all(checks.values()) and first_bad is None,
         "model": str(um.path),
         "family": um.family,
-        "source": src.get("id"),
-        "reference": {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path),
-                      "dtype": str(ref.dtype).removeprefix("torch."),
-                      "weights": ref.weights},
+        "source": um.source.get("id"),
+        "reference": reference,
         "statecast": __version__,
         "torch": torch.__version__,
-        "device": str(dev) if dev.type == "cpu" else f"cuda ({torch.cuda.get_device_name(dev)})",
+        "device": str(device) if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})",
         "platform": platform.platform(),
-        "dtype": ours_dtype,
+        "dtype": dtype,
         "kernels": kernels,
         "checkpoint_dtype": um.meta["dtype"],
         **{k: json_metric(v) for k, v in metrics.items()},
-        "inputs": {"random": f"{PARITY_BATCH[0]}x{PARITY_BATCH[1]} seed {PARITY_SEED}", "text_tokens": int(batches[1].shape[1]) if len(batches) > 1 else 0},
-        "greedy": {"prompt": prompt, "tokens": GREEDY_TOKENS, "ours": ours_greedy, "reference": ref_greedy},
+        "inputs": {"random": f"{PARITY_BATCH[0]}x{PARITY_BATCH[1]} seed {PARITY_SEED}",
+                   "text_tokens": int(batches[1].shape[1]) if len(batches) > 1 else 0},
+        "greedy": greedy,
         "per_layer": [json_metric(v) for v in per_layer],
-        "per_layer_view": ref.hidden_view,
+        "per_layer_view": per_layer_view,
         "first_divergent_layer": first_bad,
         "checks": checks,
         "tolerances": tol,
@@ -218,13 +281,17 @@ def render_markdown(r: dict) -> str:
 
 
 def verify(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-           progress=None, raise_on_fail: bool = True, kernels: str = "torch") -> dict:
+           progress=None, raise_on_fail: bool = True, kernels: str = "torch", stream: bool = False,
+           device_map: str | None = None, max_memory: dict | None = None, decode: bool = False) -> dict:
     """Run the parity report, write ``parity.json`` and ``parity.md`` into the model, raise if it fails."""
-    report = run_parity(path, device=device, dtype=dtype, reference=reference, progress=progress, kernels=kernels)
+    if (Path(path) / "statecast.json").is_file():
+        check_writable(Path(path), "parity.json")  # a read-only model directory is an error now, not after the comparison
+    report = run_parity(path, device=device, dtype=dtype, reference=reference, progress=progress, kernels=kernels,
+                        stream=stream, device_map=device_map, max_memory=max_memory, decode=decode)
     out = Path(report["model"])
-    write_json_atomic(out / "parity.json", report)
-    (out / ".parity.md.tmp").write_text(render_markdown(report))
-    (out / ".parity.md.tmp").replace(out / "parity.md")
+    markdown = render_markdown(report)  # before writing anything
+    write_json_atomic(out / "parity.json", report)  # unique temporary names, os.replace: never seen half-written
+    write_text_atomic(out / "parity.md", markdown)
     if raise_on_fail and not report["passed"]:
         bad = failed(report["checks"])
         if report["first_divergent_layer"] is not None:

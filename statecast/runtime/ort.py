@@ -206,7 +206,10 @@ class OnnxModel:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
         """Prefill ``prompt_ids``, then one call per new token; the new ids. ``sampling``: the
         keywords of :func:`statecast.runtime.text.decode` (greedy by default; ``temperature``,
-        ``top_p``, ``seed``, ``stop_ids``, ``on_token``), the loop the PyTorch runtime uses too."""
+        ``top_p``, ``seed``, ``stop_ids``, ``on_token``), the loop the PyTorch runtime uses too. A
+        graph with a learned position table refuses, before generating, what would not fit in it."""
+        sampling.setdefault("max_positions", self.desc.get("max_positions"))
+        sampling.setdefault("where", str(self.path))
         state = None
 
         def feed(ids: list[int]) -> np.ndarray:
