@@ -718,3 +718,58 @@ def test_pull_of_a_mutated_index_is_clean(sharded_dir, edits):
                 index["weight_map"][name] = value
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
         pull_outcome(d)
+
+
+# --------------------------------------------------------------------------- property-based: a converted model
+
+
+@pytest.fixture(scope="module")
+def unified_dir(rwkv_dir, tmp_path_factory) -> Path:
+    from statecast.convert.pull import pull
+
+    return Path(pull(str(rwkv_dir), out=tmp_path_factory.mktemp("hostile") / "unified", progress=False)["path"])
+
+
+# a JSON-level edit of statecast.json: replace a value at a path of one or two keys, or drop it
+META_EDITS = st.tuples(st.sampled_from(["set", "set", "drop"]), st.integers(0, 1000), st.integers(0, 1000), JSON_VALUE)
+
+
+def _edit_meta(meta: dict, edit) -> dict:
+    kind, i, j, value = edit
+    key = sorted(meta)[i % len(meta)]
+    inner = meta[key]
+    if isinstance(inner, dict) and inner and j % 2:  # one level down: a config field, a manifest entry...
+        sub = sorted(inner)[j % len(inner)]
+        if kind == "drop":
+            inner.pop(sub)
+        else:
+            inner[sub] = value
+    elif kind == "drop":
+        meta.pop(key)
+    else:
+        meta[key] = value
+    return meta
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(edits=st.lists(META_EDITS, min_size=1, max_size=2))
+def test_commands_on_a_mutated_statecast_json_are_clean(unified_dir, edits):
+    """A converted model whose statecast.json was edited: `inspect --check`, `generate` and
+    `export --format hf` each exit 0, or 2 with one line and no traceback, and leave nothing
+    half-written next to the export."""
+    with fresh_copy(unified_dir) as d:
+        meta = json.loads((d / "statecast.json").read_text())
+        for e in edits:
+            meta = _edit_meta(meta, e)
+        (d / "statecast.json").write_text(json.dumps(meta))
+        for args in (["inspect", str(d), "--check"], ["generate", str(d), "--prompt-ids", "1,2", "--max-new-tokens", "2"],
+                     ["export", str(d), "--format", "hf", "--out", str(d.parent / "hf")]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code in (0, 2), (args[0], result.exit_code, result.output, result.exception)
+            assert "Traceback" not in result.output
+            if result.exit_code == 2:
+                err = result.stderr.strip()
+                assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+                assert "failed unexpectedly" not in err, (args[0], err)
+            event(f"{args[0]} exit {result.exit_code}")
+        assert sorted(p.name for p in d.parent.iterdir()) in (["src"], ["hf", "src"])
