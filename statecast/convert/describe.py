@@ -30,18 +30,19 @@ def check_model(um: UnifiedModel) -> None:
     except Exception as e:  # a config the model class refuses: any exception, named in one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise StatecastError(f"{where}: config does not describe a {um.family} model ({first})") from None
-    manifest = um.meta["tensors"]
-    for name, shape in expected.items():
-        if name not in manifest:
-            raise StatecastError(f"{where}: the config ({_config_line(um.config)}) needs tensor {name!r}, "
-                                 f"which the manifest does not have")
-        if tuple(manifest[name]["shape"]) != tuple(shape):
-            raise StatecastError(f"{where}: tensor {name!r} is {manifest[name]['shape']} in the manifest, "
-                                 f"the config ({_config_line(um.config)}) needs {list(shape)}")
-    extra = [n for n in manifest if n not in expected]
-    if extra:
-        raise StatecastError(f"{where}: the manifest has tensor {extra[0]!r}, which the config "
-                             f"({_config_line(um.config)}) does not need")
+    manifest = {n: list(e["shape"]) for n, e in um.meta["tensors"].items()}
+    need = {n: list(shape) for n, shape in expected.items()}
+    differs = [n for n in [*need, *manifest] if manifest.get(n) != need.get(n)]  # the config's tensors first
+    if differs:
+        name, cfg = differs[0], _config_line(um.config)
+        have, want = manifest.get(name), need.get(name)
+        if have is None:
+            why = f"the config ({cfg}) needs tensor {name!r}, which the manifest does not have"
+        elif want is None:
+            why = f"the manifest has tensor {name!r}, which the config ({cfg}) does not need"
+        else:
+            why = f"tensor {name!r} is {have} in the manifest, the config ({cfg}) needs {want}"
+        raise StatecastError(f"{where}: {why}")
 
 
 def _config_line(cfg: dict) -> str:
