@@ -24,7 +24,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from statecast.checkpoints import layout, store
+from statecast.checkpoints import atomic, layout, store
 from statecast.checkpoints.layout import open_unified
 from statecast.cli import main
 from statecast.convert.pull import pull
@@ -246,7 +246,7 @@ def test_force_never_replaces_an_arbitrary_directory(hf_dir, tmp_path):
     pull(str(hf_dir), out=out, progress=False)
     pull(str(hf_dir), out=out, progress=False, force=True)
     run_ok(["export", out, "--format", "hf", "--out", tmp_path / "hf"])
-    assert (tmp_path / "hf" / layout.EXPORT_MARKER).is_file()
+    assert (tmp_path / "hf" / atomic.EXPORT_MARKER).is_file()
     run_ok(["export", out, "--format", "hf", "--out", tmp_path / "hf", "--force"])
     run_bad(["export", out, "--format", "hf", "--out", out, "--force"], f"output path {out} is the source {out}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m", "parent"]
@@ -257,20 +257,20 @@ def test_failed_swap_puts_the_old_model_back(hf_dir, tmp_path, monkeypatch):
     pull(str(hf_dir), out=out, progress=False)
     (out / "parity.json").write_text('{"passed": true}')
     before = (out / "statecast.json").read_bytes()
-    monkeypatch.setattr(layout, "_renameat2", lambda *a: False)  # no atomic exchange: move aside, then rename
-    real = layout._rename_noreplace
+    monkeypatch.setattr(atomic, "_renameat2", lambda *a: False)  # no atomic exchange: move aside, then rename
+    real = atomic._rename_noreplace
 
     def failing(src, dst):
         if Path(dst) == out:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(layout, "_rename_noreplace", failing)
+    monkeypatch.setattr(atomic, "_rename_noreplace", failing)
     with pytest.raises(StatecastError, match=f"cannot write {out}: Input/output error"):
         pull(str(hf_dir), out=out, progress=False, force=True)
     assert (out / "statecast.json").read_bytes() == before and (out / "parity.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    monkeypatch.setattr(layout, "_rename_noreplace", real)  # and without the failure, the fallback swap works
+    monkeypatch.setattr(atomic, "_rename_noreplace", real)  # and without the failure, the fallback swap works
     pull(str(hf_dir), out=out, progress=False, force=True)
     assert not (out / "parity.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -326,7 +326,7 @@ def test_killed_run_leftover_is_cleaned_and_listed(tmp_path, monkeypatch):
     models = tmp_path / "store" / "models"
     monkeypatch.setenv("STATECAST_HOME", str(tmp_path / "store"))
     code = ("import os, signal, sys\n"
-            "from statecast.checkpoints.layout import atomic_directory\n"
+            "from statecast.checkpoints.atomic import atomic_directory\n"
             "with atomic_directory(sys.argv[1]) as tmp:\n"
             "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -341,14 +341,14 @@ def test_killed_run_leftover_is_cleaned_and_listed(tmp_path, monkeypatch):
 
 def test_concurrent_json_writers_and_readers(tmp_path):
     target = tmp_path / "parity.json"
-    layout.write_json_atomic(target, {"passed": True, "writer": -1})
+    atomic.write_json_atomic(target, {"passed": True, "writer": -1})
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def writer(i):
         try:
             for j in range(150):
-                layout.write_json_atomic(target, {"passed": True, "writer": i, "n": j, "pad": "x" * 2000})
+                atomic.write_json_atomic(target, {"passed": True, "writer": i, "n": j, "pad": "x" * 2000})
         except BaseException as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -371,7 +371,7 @@ def test_concurrent_json_writers_and_readers(tmp_path):
         t.join()
     assert errors == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.json"]
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~layout._umask())
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~atomic._umask())
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe", b"[]", b'{"passed": "yes"}'])
@@ -454,7 +454,8 @@ def test_read_only_store(pulled_hf, hf_dir, tmp_path):
 
 @pytest.mark.parametrize("where", ["_pwrite_all", "_write_all"])  # a tensor (in a worker), statecast.json
 def test_permission_denied_while_writing(hf_dir, tmp_path, monkeypatch, where):
-    real = getattr(layout, where)
+    module = layout if where == "_pwrite_all" else atomic
+    real = getattr(module, where)
     calls = {"n": 0}
 
     def denied(*args):
@@ -463,7 +464,7 @@ def test_permission_denied_while_writing(hf_dir, tmp_path, monkeypatch, where):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         return real(*args)
 
-    monkeypatch.setattr(layout, where, denied)
+    monkeypatch.setattr(module, where, denied)
     out = tmp_path / "out"
     expect = out if where == "_pwrite_all" else out / "statecast.json"
     with pytest.raises(StatecastError, match=f"cannot write {expect}: Permission denied"):

@@ -3,7 +3,7 @@
 Steps: resolve the source (Hub snapshot or local path), recognise its format,
 check every tensor name, shape and dtype against the family's canonical table before
 writing anything, then stream tensors one by one into a temporary directory
-that is renamed into place (:func:`statecast.checkpoints.layout.atomic_directory`).
+that is renamed into place (:func:`statecast.checkpoints.atomic.atomic_directory`).
 
 Each source byte is read and hashed once, in worker threads (hashlib releases the GIL): a
 tensor whose bytes are unchanged (most of them; a reshape keeps the bytes) is copied by a
@@ -28,18 +28,8 @@ import torch
 
 from .. import __version__
 from ..checkpoints import hub, store
-from ..checkpoints.layout import (
-    FORMAT,
-    META_FILE,
-    FileHasher,
-    PlannedTensor,
-    atomic_directory,
-    check_output,
-    safetensors_layout,
-    tree_digest,
-    write_json_atomic,
-    write_weights,
-)
+from ..checkpoints.atomic import atomic_directory, check_output, write_json_atomic
+from ..checkpoints.layout import FORMAT, META_FILE, FileHasher, PlannedTensor, safetensors_layout, tree_digest, write_weights
 from ..checkpoints.readers import dtype_name, open_tensors, parse_dtype
 from ..errors import StatecastError
 from ..families import Detected, detect, unified_config

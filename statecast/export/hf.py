@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoints.layout import EXPORT_MARKER, PlannedTensor, atomic_directory, open_unified, verify_tensor_hashes, write_weights
+from ..checkpoints.atomic import EXPORT_MARKER, atomic_directory
+from ..checkpoints.layout import PlannedTensor, open_unified, verify_tensor_hashes, write_weights
 from ..convert.describe import check_model
 from ..families import format_by_name
 from ..families.tables import TRANSFORMS, group_by_source, unstack

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..arch.layers import LayerStack
-from ..checkpoints.layout import atomic_directory, open_unified
+from ..checkpoints.atomic import atomic_directory
+from ..checkpoints.layout import open_unified
 from ..checkpoints.readers import dtype_name
 from ..convert.generate import generate_ids
 from ..convert.loading import load_model

@@ -18,14 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoints.layout import (
-    check_file_digests,
-    check_writable,
-    open_unified,
-    verify_tensor_hashes,
-    write_json_atomic,
-    write_text_atomic,
-)
+from ..checkpoints.atomic import check_writable, write_json_atomic, write_text_atomic
+from ..checkpoints.layout import check_file_digests, open_unified, verify_tensor_hashes
 from ..checkpoints.readers import parse_dtype
 from ..convert.generate import generate_ids
 from ..convert.loading import load_model, load_tokenizer, resolve_device
