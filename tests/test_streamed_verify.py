@@ -12,7 +12,6 @@ about one block's memory.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -155,9 +154,7 @@ def test_max_memory_is_parsed_for_accelerate():
 
 
 def test_verify_wires_the_streamed_mode(tmp_path, one_thread):
-    """``run_parity(..., stream=True)`` hands over to streamed_parity once verify.py has the option."""
-    if "stream" not in inspect.signature(run_parity).parameters:
-        pytest.skip("statecast/parity/verify.py has no stream option yet")
+    """``run_parity(..., stream=True)`` hands over to streamed_parity."""
     path = _pulled(tmp_path, "rwkv")
     r = run_parity(path, device="cpu", stream=True)
     assert r["passed"] and r["streamed"]["skipped"] == list(SKIPPED_WITHOUT_DECODE)

@@ -112,6 +112,11 @@ def _value_ok(name: str, value: object, hint) -> bool:
     return True
 
 
+# One letter per layer kind (``layer_kinds`` / ``ffn_kinds`` of a unified config), for a hybrid's
+# layout line in ``convert inspect``: "M A M M A M" / "- E - E - E". A new kind adds its letter here.
+KIND_LETTERS = {"mamba": "M", "attention": "A", "mlp": "-", "moe": "E"}
+
+
 def config_from_unified(cls, cfg: dict, kind: str | None):
     """Build the frozen config dataclass ``cls`` from a unified config.
 

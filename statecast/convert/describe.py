@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..arch.layers import KIND_LETTERS
 from ..checkpoints.layout import META_FILE, UnifiedModel, is_unified, open_unified, verify_tensor_hashes
 from ..checkpoints.readers import dtype_name, open_tensors
 from ..checkpoints.store import PARITY_FILE, read_parity
@@ -176,11 +177,7 @@ def _counts(kinds: list[str]) -> str:
     return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
 
 
-# one letter per layer kind, for a hybrid's layout line: "M A M M A M" / "- E - E - E"
-_LETTERS = {"mamba": "M", "attention": "A", "mlp": "-", "moe": "E"}
-
-
 def _layout(cfg: dict) -> str:
-    mixers = " ".join(_LETTERS[k] for k in cfg["layer_kinds"])
-    ffn = " ".join(_LETTERS[k] for k in cfg["ffn_kinds"])
+    mixers = " ".join(KIND_LETTERS[k] for k in cfg["layer_kinds"])
+    ffn = " ".join(KIND_LETTERS[k] for k in cfg["ffn_kinds"])
     return f"{mixers}  (A attention, M Mamba) / {ffn}  (E experts, - dense MLP)"
