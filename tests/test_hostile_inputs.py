@@ -258,8 +258,6 @@ def test_int_tensor_for_a_float_weight_is_refused(rwkv_dir, tmp_path):
     assert str(e.value) == f"{d}: tensors rwkv.blocks.0.ln1.weight (int32) are not floating point; expected float weights"
 
 
-@pytest.mark.skipif("check_weight_dtypes" not in Path(__file__).parents[1].joinpath("statecast/convert/pull.py").read_text(),
-                    reason="pull does not call check_weight_dtypes yet")
 def test_int_tensor_for_a_float_weight_is_refused_by_pull(rwkv_dir, tmp_path):
     d = copy_dir(rwkv_dir, tmp_path)
     edit_header(d, lambda h: h["rwkv.blocks.0.ln1.weight"].update(dtype="I32"))

@@ -101,7 +101,6 @@ def _mapped(path: Path) -> int:
     return total
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("name", ["llama-40mb", "rwkv", "mamba-tied", "jamba-sharded"])
 def test_each_block_is_mapped_once_per_pass_and_unmapped_after_it(tmp_path, name, one_thread):
     path = _pulled(tmp_path, name)
@@ -226,7 +225,6 @@ def _result(child: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_a_model_four_times_the_memory_increase_is_verified(tmp_path):
     # 40 blocks of 9.6 MB (the Llama shape above): 388 MB of float32 weights
     src = factories.hf_transformer(tmp_path / "src", "llama", hidden=512, layers=40)
