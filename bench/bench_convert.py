@@ -31,7 +31,8 @@ source file's memory map to its offset in the output (``pwrite``), block by bloc
 each block (that sha256 is both the manifest's and a leaf of the source file's
 ``sha256-tree`` digest) and checking it for NaN/Inf while it is in the cache; the threads
 (one per CPU) take the largest tensors first. So the floor is one sha256 pass over the
-weights spread over the cores, plus the copy ``cp`` does.
+weights spread over the cores, plus the copy ``cp`` does. The output file is reserved at
+its full size (``fallocate``) before the copy starts.
 
 Targets (informational, the benchmark never fails on them):
 

@@ -13,7 +13,9 @@ bytes are unchanged from a source file is copied block by block from the source'
 map by a worker thread, which hashes each block and checks it for NaN/Inf as it copies it
 (one read of the bytes; the workers take the largest tensors first); the others are
 produced and written by the calling thread and hashed by a worker meanwhile (hashlib
-releases the GIL). The writes take turns under a lock. The directory is written atomically
+releases the GIL). The writes take turns under a lock, into a file reserved at its full size
+first (``fallocate``: the file system allocates its blocks in one call, not page by page as
+they are written). The directory is written atomically
 (:mod:`statecast.checkpoints.atomic`: a temporary sibling renamed into place, nothing left
 behind on failure).
 
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -321,6 +325,38 @@ def _pwrite_all(fd: int, buf, offset: int) -> None:
         view.release()
 
 
+_fallocate_fn: object = None
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for the file ``fd`` before it is written (Linux ``fallocate``,
+    mode 0): the file system allocates its blocks in one call instead of block by block as
+    the pages are written (measured in bench/README.md, "Conversion"), and a full disk
+    fails here, before any byte is copied. Where
+    the call does not exist or the file system does not support it, nothing is done (not
+    glibc's ``posix_fallocate``, which would emulate it by writing every block)."""
+    global _fallocate_fn
+    if size <= 0:
+        return
+    if _fallocate_fn is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or libc.fallocate
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+            _fallocate_fn = fn
+        except (AttributeError, OSError, TypeError):
+            _fallocate_fn = False
+    if not _fallocate_fn:
+        return
+    if _fallocate_fn(fd, 0, 0, size) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the writes would fail the same way
+        raise OSError(err, os.strerror(err))  # as a failed pwrite would (no file name)
+    # EOPNOTSUPP, ENOSYS, EINVAL, EINTR...: written without reserving
+
+
 def _sha256_bytes(buf) -> str:
     return hashlib.sha256(buf).hexdigest()
 
@@ -353,6 +389,7 @@ def write_safetensors(path: Path, plan: list[PlannedTensor], metadata: dict[str,
             out = f.fileno()
             try:
                 header = _header_bytes(plan, metadata or {"format": "pt"})
+                _preallocate(out, len(header) + sum(p.nbytes for p in plan))
                 _pwrite_all(out, header, 0)
                 offsets = [len(header)]
                 for p in plan[:-1]:
