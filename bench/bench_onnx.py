@@ -3,12 +3,12 @@ against the weight-streaming floor, transformers and BlinkDL's rwkv package; gra
 state sizes.
 
     .venv/bin/python bench/bench_onnx.py [--quick] [--json] [--threads N] [--plot PNG]
-                                         [--models rwkv-169m,mamba-130m,llama-small,jamba-small]
+                                         [--models rwkv-169m,mamba-130m,mamba2-130m,llama-small,jamba-small]
                                          [--positions 64,512,2048,8192] [--out DIR] [--profile]
 
 Models: random weights (statecast's init, seed 0; Mamba and Jamba with trained-like
 magnitudes, see ``trained_like``) of ``common.SHAPES["rwkv-169m"]``,
-``["mamba-130m"]``, ``["llama-small"]`` (the Transformer of the same size: 12 x 768, GQA
+``["mamba-130m"]``, ``["mamba2-130m"]`` (24 x 768, 24 heads x 64, d_state 128), ``["llama-small"]`` (the Transformer of the same size: 12 x 768, GQA
 12/4) and ``["jamba-small"]`` (16 x 768, attention on 2 layers, 4 experts top-2 on the odd
 layers). Each is written as a checkpoint (RWKV: BlinkDL's native ``.pth``; the others:
 Hub-format safetensors + config.json), ``pull``-ed into the unified layout and exported
@@ -95,7 +95,7 @@ from statecast.families import FAMILIES
 from statecast.families.tables import from_canonical_state
 from statecast.runtime.ort import OnnxModel
 
-MODELS = ("rwkv-169m", "mamba-130m", "llama-small", "jamba-small")
+MODELS = ("rwkv-169m", "mamba-130m", "mamba2-130m", "llama-small", "jamba-small")
 POSITIONS = (64, 512, 2048, 8192)
 DTYPES = ("fp32", "int8")
 PARITY_FAILED = "bench-parity-failed.json"  # written beside an export that failed its parity bounds
@@ -145,7 +145,7 @@ def code_hash() -> str:
 def trained_like(shape: str) -> bool:
     """Mamba and Jamba get trained-like weight magnitudes (``common.model_pair``): their default
     random init is chaotic, and the int8 graph's parity check would judge the init, not the export."""
-    return SHAPES[shape][0] in ("mamba", "jamba")
+    return SHAPES[shape][0] in ("mamba", "mamba2", "jamba")
 
 
 def cache_dir(root: Path, shape: str, dims: dict, seed: int) -> Path:
@@ -616,7 +616,7 @@ def _int_keys(obj):
 
 def main() -> None:
     p = base_args(__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated shapes (default: the four)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated shapes (default: all of MODELS)")
     p.add_argument("--positions", default=",".join(map(str, POSITIONS)), help="comma-separated positions")
     p.add_argument("--steps", type=int, default=None, help="transformers generate steps (default 64, quick 8)")
     p.add_argument("--calls", type=int, default=None, help="graph calls per timed sample (default 4, quick 2)")

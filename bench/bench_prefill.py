@@ -5,8 +5,11 @@
 
 Random weights of the named shape (``common.SHAPES``), float32, batch 1. Measured in
 one run, all under torch.inference_mode():
-  statecast     Model.forward (RWKV: chunked WKV; Mamba: chunked selective scan;
-                Transformer: one causal attention call per layer)
+  statecast     Model.forward with the default settings (RWKV: chunked WKV; Mamba: the
+                whole-sequence scan that ``--kernels auto`` picks, the compiled C++ kernel
+                where it builds and passes its self-check, else the pure-PyTorch scan, named
+                in the output; Transformer: one causal attention call per layer); for Mamba
+                with the compiled kernel, the pure path too ("statecast, pure"), same run
   transformers  the transformers class of the shape (RwkvForCausalLM with
                 rescale_every=0, MambaForCausalLM, GPT2LMHeadModel, LlamaForCausalLM)
                 holding the same weights as statecast's model
@@ -67,6 +70,8 @@ def main() -> None:
     family, dims, _ = SHAPES[args.model]
     dims = {**dims, **({"n_layer": 4} if args.quick else {})}
     ours, hf = model_pair(args.model, seed=0, **dims)
+    # the default settings: what load_model / verify / generate / the CLI run (--kernels auto)
+    kernels = ours.set_kernels("auto") if hasattr(ours, "set_kernels") else "torch"
     V, L = dims["vocab_size"], dims["n_layer"]
     chunks = [int(c) for c in (args.wkv_chunks or "16,32,64").split(",")]
     rows, results, wkv_rows = [], [], []
@@ -74,15 +79,25 @@ def main() -> None:
         for T in seqs:
             ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
             # floor and statecast alternate, so both see the same machine load
-            fl_sc = time_interleaved(
-                {
-                    "floor": gemm_floor_fn(ours, T),
-                    "floor_alloc": gemm_floor_fn(ours, T, preallocated=False),
-                    "sc": lambda: ours(ids),
-                },
-                repeats,
-            )
+            def run_with(impl):
+                def run():
+                    ours.set_kernels(impl)
+                    return ours(ids)
+
+                return run
+
+            fns = {
+                "floor": gemm_floor_fn(ours, T),
+                "floor_alloc": gemm_floor_fn(ours, T, preallocated=False),
+                "sc": run_with("auto") if kernels != "torch" else (lambda: ours(ids)),
+            }
+            if kernels == "compiled":
+                fns["sc_pure"] = run_with("torch")
+            fl_sc = time_interleaved(fns, repeats)  # in alternation: all see the same machine load
+            if kernels != "torch":
+                ours.set_kernels("auto")
             floor, floor_alloc, sc = fl_sc["floor"], fl_sc["floor_alloc"], fl_sc["sc"]
+            sc_pure = fl_sc.get("sc_pure")
             tr = None
             if not args.no_transformers:
                 tr = time_fn(lambda: hf(ids, use_cache=False), repeats=max(1, repeats - 2))
@@ -92,6 +107,9 @@ def main() -> None:
                 "floor_s": floor,
                 "floor_alloc_s": floor_alloc,
                 "statecast_s": sc,
+                "kernels": kernels,
+                "statecast_pure_s": sc_pure,
+                "statecast_pure_over_floor": sc_pure.best / floor.best if sc_pure else None,
                 "transformers_s": tr,
                 "statecast_over_floor": sc.best / floor.best,
                 "statecast_over_floor_alloc": sc.best / floor_alloc.best,
@@ -126,6 +144,9 @@ def main() -> None:
                     sum(t.contended for t in (floor, floor_alloc, sc) + ((tr,) if tr else ())),
                 ]
             )
+            if sc_pure:
+                rows.append([f"{T} pure", "", "", sc_pure.best, sc_pure.median, "", res["statecast_pure_over_floor"],
+                             sc_pure.best / floor_alloc.best, "", "", sc_pure.contended])
 
     out = {
         "bench": "prefill",
@@ -156,6 +177,8 @@ def main() -> None:
         ],
         rows,
         notes=[
+            f"statecast runs the default settings (--kernels auto): {kernels}"
+            + ("; 'T pure' rows: the pure-PyTorch scan (--kernels torch), same run" if kernels == "compiled" else ""),
             f"weights: random statecast init, copied into transformers' {type(hf).__name__}",
             "max |logit diff| statecast vs transformers: "
             + (", ".join(f"T={r['T']}: {r['max_abs_logit_diff']:.2e}" for r in results if r["max_abs_logit_diff"] is not None) or "not run"),

@@ -13,8 +13,10 @@ Measured in one run:
                  on preallocated random inputs into preallocated outputs. The ratios use
                  this strict floor; "outputs allocated" (same products, fresh outputs, as a
                  model must return fresh logits) is printed alongside
-  ours           Mamba.forward with the pure-PyTorch scan (the default), and with the
-                 optional compiled scan (scan_impl="compiled") when it builds here
+  ours           Mamba.forward with the pure-PyTorch scan (--kernels torch), and with the
+                 compiled scan (scan_impl="compiled") when it builds here and passes its
+                 self-check; the output names which of the two the default settings
+                 (--kernels auto) run
   transformers   MambaForCausalLM.forward on the same weights (its CPU path: the per-token
                  loop of mamba_selective_scan). Too slow to repeat in full: one block
                  (backbone.layers[0]) is timed and scaled by 24, plus embedding, norm_f and
@@ -215,9 +217,11 @@ def main() -> None:
     if not args.no_compiled:
         compiled = mamba_mod.compiled_scan_available()
         if not compiled:
-            result["compiled_error"] = mamba_mod._compiled.get("error")
+            result["compiled_error"] = mamba_mod.compiled_scan_status()
 
     model, hf = model_pair("mamba-130m", seed=0, **dims)
+    result["default_kernels"] = model.set_kernels("auto")  # what --kernels auto runs here
+    model.set_kernels("torch")
     if args.no_hf or args.scan_only:
         hf = None
 
@@ -277,6 +281,7 @@ def main() -> None:
         f"Mamba scan / forward, {cfg.n_layer} layers, E={cfg.d_inner}, N={cfg.d_state}, fp32, batch 1, "
         f"{env['threads']} threads, torch {env['torch']}, {env['processor']}"
     )
+    print(f"default settings (--kernels auto) run: {result['default_kernels']}")
     for run in result["runs"]:
         T = run["T"]
         rows = []

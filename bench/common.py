@@ -229,6 +229,9 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
     "rwkv-169m": ("rwkv", RWKV_169M, "rwkv"),
     "mamba-130m": ("mamba", dict(vocab_size=50280, d_model=768, n_layer=24, d_inner=1536, d_state=16, d_conv=4,
                                  dt_rank=48), "mamba"),
+    # state-spaces/mamba2-130m's shape: 24 x 768, 24 heads x 64, d_state 128, one group
+    "mamba2-130m": ("mamba2", dict(vocab_size=50280, d_model=768, n_layer=24, n_heads=24, head_dim=64, d_state=128,
+                                   n_groups=1, d_conv=4, chunk_size=256, tie_embeddings=True), "mamba2"),
     # GPT-2 small, with 2048 learned positions so that T=2048 fits (random weights anyway)
     "gpt2-small": ("transformer", dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, n_kv_head=12, head_dim=64,
                                        d_ffn=3072, norm="layernorm", norm_eps=1e-5, mlp="plain", act="gelu_new",
@@ -251,6 +254,19 @@ SHAPES: dict[str, tuple[str, dict, str]] = {
                                       d_ffn=2048, norm="rmsnorm", norm_eps=1e-6, mlp="gated", act="silu",
                                       positions="rope", max_positions=262144, rope_theta=10000.0,
                                       tie_embeddings=False), "llama"),
+    # Zamba2-1.2B's layout reduced: width 1024, 24 Mamba-2 layers (16 heads x 64, d_state 64),
+    # one shared block (MHA 16 x 128 over the 2C input, as Zamba2's attention_head_dim = 2C/heads)
+    # run at every 6th layer (4 uses, each with its own KV), MLP adapters of rank 128
+    "zamba2-small": ("zamba2", dict(vocab_size=32000, d_model=1024, n_layer=24,
+                                    layer_kinds=["hybrid" if i % 6 == 5 else "mamba2" for i in range(24)],
+                                    shared_blocks=[0 if i % 6 == 5 else None for i in range(24)],
+                                    n_head=16, n_kv_head=16, head_dim=128, d_ffn=4096, n_mamba_heads=32,
+                                    mamba_head_dim=64, d_state=64, adapter_rank=128, positions="rope"), "zamba2"),
+    # the pure Transformer of zamba2-small's width and depth: MHA 16 x 64 and a SwiGLU MLP in every layer
+    "llama-24l-1024": ("transformer", dict(vocab_size=32000, d_model=1024, n_layer=24, n_head=16, n_kv_head=16,
+                                           head_dim=64, d_ffn=4096, norm="rmsnorm", norm_eps=1e-6, mlp="gated",
+                                           act="silu", positions="rope", max_positions=262144, rope_theta=10000.0,
+                                           tie_embeddings=False), "llama"),
 }
 
 
@@ -279,7 +295,11 @@ def model_pair(shape: str, seed: int = 0, trained_like: bool = False, **override
         from statecast.families.builders import MAMBA_INIT, spread_weights
 
         spread_weights(ours, seed, keep=MAMBA_INIT)
-    hf_cfg = AutoConfig.for_model(**{**arch.hf_config(cfg.to_unified(), None), **dict(arch.reference_kwargs)})
+    from transformers import PreTrainedConfig
+
+    # config.json's content as from_pretrained decodes it ({"__float__": "Infinity"} -> inf)
+    hf_json = PreTrainedConfig._decode_special_floats(arch.hf_config(cfg.to_unified(), None))
+    hf_cfg = AutoConfig.for_model(**{**hf_json, **dict(arch.reference_kwargs)})
     try:  # skip transformers' random init (e.g. an orthogonal [V, C] head takes seconds)
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - other transformers versions

@@ -318,17 +318,20 @@ def md_scan(r: dict) -> str:
 
 def md_state(r: dict) -> str:
     res = r["results"]
-    j, t = res["jamba-small"], res["llama-16l"]
-    rows = []
-    for a, b in zip(j["contexts"], t["contexts"]):
-        P = a["context"]
-        rows.append([f"{P // 1024}K" if P % 1024 == 0 else P, f"{a['state_bytes'] / 2**20:.1f} MiB",
-                     f"{b['state_bytes'] / 2**20:.1f} MiB", f"{b['state_bytes'] / a['state_bytes']:.1f}x",
-                     num(a["ms_per_token"], 1), num(b["ms_per_token"], 1)])
-    head = (f"Decode state and step time: `jamba-small` ({j['n_params'] / 1e6:.0f}M parameters) against `llama-16l` "
-            f"({t['n_params'] / 1e6:.0f}M), batch 1, fp32:")
-    return head + "\n\n" + md_table(["context", "Jamba state", "Transformer state", "Transformer / Jamba",
-                                     "Jamba ms/token", "Transformer ms/token"], rows)
+    out = []
+    for hybrid, dense in r.get("pairs", [["jamba-small", "llama-16l"]]):
+        h, t = res[hybrid], res[dense]
+        rows = []
+        for a, b in zip(h["contexts"], t["contexts"]):
+            P = a["context"]
+            mib = [f"{x['formula_bytes'] / 2**20:.1f} MiB" + ("" if x["state_bytes"] else " (formula)") for x in (a, b)]
+            rows.append([f"{P // 1024}K" if P % 1024 == 0 else P, *mib, f"{b['formula_bytes'] / a['formula_bytes']:.1f}x",
+                         num(a["ms_per_token"], 1), num(b["ms_per_token"], 1)])
+        out.append(f"Decode state and step time: `{hybrid}` ({h['n_params'] / 1e6:.0f}M parameters) against `{dense}` "
+                   f"({t['n_params'] / 1e6:.0f}M), batch 1, fp32:\n\n"
+                   + md_table(["context", "hybrid state", "Transformer state", "Transformer / hybrid",
+                               "hybrid ms/token", "Transformer ms/token"], rows))
+    return "\n\n".join(out)
 
 
 def md_onnx(r: dict) -> str:
@@ -362,8 +365,27 @@ def md_onnx(r: dict) -> str:
     return "\n".join(out)
 
 
+def md_mamba2(r: dict) -> str:
+    m, dec = r["model"], r["decode"]
+    out = [f"Mamba-2, {m['n_layer']} layers x {m['d_model']} (H={m['n_heads']} x P={m['head_dim']}, N={m['d_state']}, "
+           f"G={m['n_groups']}), vocab {m['vocab_size']}; SSD chunk Q={r['ssd_chunk']}.", ""]
+    rows = [[x["T"], num(best(x["floor_s"]), 3), num(best(x["statecast_s"]), 3), num(x["statecast_over_floor"]),
+             num(best(x["transformers_s"]), 3) if x["transformers_s"] else "–",
+             num(x["transformers_over_floor"]) if x["transformers_over_floor"] else "–"] for x in r["prefill"]]
+    out += [md_table(["T", "GEMM floor s", "statecast s", "/ floor", "transformers s", "/ floor"], rows), ""]
+    rows = [[x["T"], name, num(best(v["one_layer"]) * 1e3, 1)] for x in r["prefill"] for name, v in x["ssd_alone"].items()]
+    out += ["SSD alone, one layer (ms, best):", "", md_table(["T", "algorithm", "ms"], rows), ""]
+    rows = [[p, num(dec["ms_per_token"][str(p)] if str(p) in dec["ms_per_token"] else dec["ms_per_token"][p]),
+             num(dec["over_floor"][str(p)] if str(p) in dec["over_floor"] else dec["over_floor"][p])]
+            for p in dec["positions"]]
+    out += [f"Decode (ms/token; floor {num(dec['floor_ms_per_token'])} ms = weight bytes / "
+            f"{num(dec['matvec_bandwidth_GBps'], 1)} GB/s; long/short {num(dec['long_over_short'], 3)}):", "",
+            md_table(["position", "ms/token", "/ floor"], rows)]
+    return "\n".join(out)
+
+
 RENDER = {"convert": md_convert, "decode": md_decode, "prefill": md_prefill, "scan": md_scan, "state": md_state,
-          "onnx": md_onnx}
+          "onnx": md_onnx, "mamba2": md_mamba2}
 
 
 def markdown(doc: dict) -> tuple[str, list[str]]:

@@ -178,9 +178,11 @@ def _family_names() -> list[str]:
 
 
 kernels_option = click.option(
-    "--kernels", default="torch", show_default=True,
-    help="Whole-sequence implementation: 'torch' is the pure-PyTorch path; 'compiled' builds the family's "
-         "C++ CPU kernel where it has one (Mamba's scan; needs a C++ compiler).")
+    "--kernels", default="auto", show_default=True,
+    help="Whole-sequence implementation: 'auto' runs the family's compiled C++ CPU kernel where it has one "
+         "(Mamba's scan) and it builds here and passes its self-check (float32 on the CPU; built once, "
+         "cached by torch), else the pure-PyTorch path, and says which ran; 'torch' is the pure path; "
+         "'compiled' requires the kernel (an error where it cannot run).")
 
 
 def dtype_option(help_text: str):
@@ -343,7 +345,7 @@ def generate(path, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_
         from .runtime import generate as run_onnx
 
         torch_only = [flag for flag, given in (("--dtype", dtype is not None), ("--device", device != "cpu"),
-                                                ("--kernels", kernels != "torch")) if given]
+                                                ("--kernels", kernels != "auto")) if given]
         if torch_only:
             raise StatecastError(f"{', '.join(torch_only)} {'is' if len(torch_only) == 1 else 'are'} for --runtime torch "
                                  "only (an ONNX graph's dtype is fixed at export; choose the device with --provider)")

@@ -19,8 +19,11 @@ import torch
 from statecast.families.builders import MAMBA_INIT, build_tokenizer, spread_weights
 from statecast.families.jamba import build_hf_jamba
 from statecast.families.mamba import build_hf_mamba
+from statecast.families.mamba2 import MAMBA2_INIT, build_hf_mamba2
 from statecast.families.rwkv import build_hf_rwkv
 from statecast.families.transformer import build_hf_transformer
+from statecast.families.zamba import build_hf_zamba
+from statecast.families.zamba2 import build_hf_zamba2
 
 TINY = dict(hidden=32, layers=3, vocab=300)
 
@@ -39,6 +42,36 @@ def hf_transformer(out: Path, style: str, **kw) -> Path:
 
 def hf_jamba(out: Path, **kw) -> Path:
     return build_hf_jamba(out, **{"hidden": 32, "layers": 4, "vocab": 300, **kw})
+
+
+
+def hf_zamba(out: Path, **kw) -> Path:
+    return build_hf_zamba(out, **{"hidden": 32, "layers": 6, "vocab": 300, **kw})
+
+
+def hf_zamba2(out: Path, **kw) -> Path:
+    """Zamba2ForCausalLM: hybrid layers 1, 3, 5 of 6 running 2 shared blocks in turn, rank-4
+    adapters, rotary positions, Mamba-2 chunks of 16 (verify's 64-token prompts span 4)."""
+    return build_hf_zamba2(out, **{"hidden": 32, "layers": 6, "vocab": 300, **kw})
+
+
+def restore_shared(src: Path, key: str, holders: dict[int, list[int]]) -> Path:
+    """Rewrite a Zamba / Zamba2 checkpoint (one safetensors file) so that the shared block
+    ``save_pretrained`` wrote under layer f (``model.layers.{f}.{key}.*``) is stored under each
+    layer of ``holders[f]`` instead: as older transformers (keeping the tied name that sorts
+    last) or a file with every copy has it. In place; returns ``src``."""
+    from safetensors.torch import load_file, save_file
+
+    f = src / "model.safetensors"
+    out = {}
+    for k, v in load_file(f).items():
+        parts = k.split(".", 4)
+        if parts[:2] == ["model", "layers"] and len(parts) == 5 and parts[3] == key and int(parts[2]) in holders:
+            out.update({f"model.layers.{h}.{key}.{parts[4]}": v.clone() for h in holders[int(parts[2])]})
+        else:
+            out[k] = v
+    save_file(out, f, metadata={"format": "pt"})
+    return src
 
 
 def gpt2_bare(out: Path, seed: int = 3) -> Path:
@@ -77,6 +110,43 @@ def native_mamba(out: Path, seed: int = 4, vocab: int = 300, pad_multiple: int =
               "ssm_cfg": {}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
               "fused_add_norm": True, "pad_vocab_size_multiple": pad_multiple, "tie_embeddings": True}
     (out / "config.json").write_text(json.dumps(config))
+    build_tokenizer(vocab).save(str(out / "tokenizer.json"))
+    return out
+
+
+def hf_mamba2(out: Path, **kw) -> Path:
+    """Mamba2ForCausalLM: 2 groups of 4 heads, chunk 16 (verify's 64-token prompts span 4 chunks)."""
+    return build_hf_mamba2(out, **{"hidden": 32, "layers": 3, "vocab": 300, "heads": 8, "head_dim": 8, "groups": 2,
+                                   "state": 16, "chunk": 16, **kw})
+
+
+def native_mamba2(out: Path, seed: int = 12, vocab: int = 300, pad_multiple: int = 16, **config) -> Path:
+    """A state-spaces ``MambaLMHeadModel`` checkpoint with Mamba-2 mixers, as ``mamba_ssm``
+    writes it: ``config.json`` in its form (``ssm_cfg.layer = "Mamba2"``, headdim, ngroups,
+    d_state, chunk_size; d_conv and expand left to the module's defaults) and
+    ``pytorch_model.bin`` with the padded embedding and the tied head beside it. The tensors
+    come from transformers' ``Mamba2ForCausalLM`` renamed to the native names; ``config``
+    overrides top-level config.json keys."""
+    import json
+
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    padded = math.ceil(vocab / pad_multiple) * pad_multiple
+    d, heads, head_dim, groups, state, chunk = 32, 16, 4, 4, 8, 8
+    model = Mamba2ForCausalLM(Mamba2Config(vocab_size=padded, hidden_size=d, num_hidden_layers=3, num_heads=heads,
+                                           head_dim=head_dim, expand=2, n_groups=groups, state_size=state,
+                                           chunk_size=chunk, tie_word_embeddings=True))
+    spread_weights(model, seed, keep=MAMBA2_INIT)
+    sd = {_STATE_SPACES_NAMES.get(k, k): v for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # mamba_ssm ties, and torch.save keeps both names
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, out / "pytorch_model.bin")
+    cfg = {"d_model": d, "d_intermediate": 0, "n_layer": 3, "vocab_size": vocab,
+           "ssm_cfg": {"layer": "Mamba2", "headdim": head_dim, "ngroups": groups, "d_state": state, "chunk_size": chunk},
+           "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+           "pad_vocab_size_multiple": pad_multiple, "tie_embeddings": True, **config}
+    (out / "config.json").write_text(json.dumps(cfg))
     build_tokenizer(vocab).save(str(out / "tokenizer.json"))
     return out
 
@@ -140,12 +210,15 @@ def run_steps(model, ids: torch.Tensor, state):
 def parallel_and_steps(model, vocab: int, T: int, warm: int = 0, seed: int | None = None):
     """Run ``[2, T]`` random ids through the whole-sequence path and token by token, both from
     the same state (empty, or after ``warm`` stepped tokens), and check that neither call
-    mutated that state. Returns (parallel logits, its state, stepped logits, their state)."""
+    mutated that state. Returns (parallel logits, its state, stepped logits, their state).
+    The whole sequence runs under the step's rule where the reference's two paths differ
+    (``CausalLM.parallel_as_step``: Mamba-2's dt limit), so this compares our two code paths."""
     g = torch.Generator().manual_seed(T if seed is None else seed)
     ids = torch.randint(0, vocab, (2, T), generator=g)
     state = run_steps(model, torch.randint(0, vocab, (2, warm), generator=g), None)[1] if warm else None
     before = [t.clone() for t in state] if state is not None else []
-    lp, sp = model(ids, state)
+    with model.parallel_as_step():
+        lp, sp = model(ids, state)
     ls, ss = run_steps(model, ids, state)
     for b, a in zip(before, state or []):  # never mutated in place
         assert torch.equal(b, a)

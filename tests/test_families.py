@@ -55,12 +55,37 @@ SOURCES = {
     "jamba-p2o0-top1-bf16": (lambda p: factories.hf_jamba(p, seed=10, layers=4, attn_period=2, attn_offset=0,
                                                           top_k=1, experts=3, dtype=torch.bfloat16),
                              "jamba", "jamba-hf", "JambaForCausalLM"),
+    # Mamba-2: 2 groups of 4 heads, chunk 16 (verify's prompts span several chunks, the last one partial)
+    "mamba2-groups": (lambda p: factories.hf_mamba2(p, seed=13), "mamba2", "mamba2-hf", "Mamba2ForCausalLM"),
+    "mamba2-native": (lambda p: factories.native_mamba2(p), "mamba2", "mamba2-native", "Mamba2ForCausalLM"),
+    "mamba2-tied-bf16": (lambda p: factories.hf_mamba2(p, seed=14, tied=True, groups=1, chunk=32, dtype=torch.bfloat16),
+                         "mamba2", "mamba2-hf", "Mamba2ForCausalLM"),
+    # Zamba: hybrid layers 2 and 4 of 6 run the one shared block (tied head: transformers ties the block too)
+    "zamba-tied": (lambda p: factories.hf_zamba(p, seed=21), "zamba", "zamba-hf", "ZambaForCausalLM"),
+    # untied head, so a block per hybrid layer (2 and 4 of 7), 4 Mamba heads, bfloat16
+    "zamba-untied-bf16": (lambda p: factories.hf_zamba(p, seed=22, layers=7, attn_period=3, attn_offset=1, mamba_heads=4,
+                                                       tied=False, dtype=torch.bfloat16),
+                          "zamba", "zamba-hf", "ZambaForCausalLM"),
+    # Zamba2: two shared blocks in turn at layers 1, 3, 5 (block 0 twice), LoRA adapters, rope, chunk 16
+    "zamba2-blocks-adapters": (lambda p: factories.hf_zamba2(p, seed=23), "zamba2", "zamba2-hf", "Zamba2ForCausalLM"),
+    # one block at layers 2 and 4, no attention adapters (the MLP's are always there), no rope, 1 group, bfloat16
+    "zamba2-1block-bf16": (lambda p: factories.hf_zamba2(p, seed=24, layers=5, hybrid=(2, 4), blocks=1, groups=1,
+                                                         attn_adapters=False, rope=False, dtype=torch.bfloat16),
+                           "zamba2", "zamba2-hf", "Zamba2ForCausalLM"),
 }
+
+# state-spaces native sources: exported and referenced as transformers' class, embedding renamed
+NATIVE_STATE_SPACES = ("mamba-native", "mamba2-native")
 
 # per-layer kinds each source must record: (layer_kinds, ffn_kinds); default: one kind throughout
 KINDS = {
     "jamba-p3o1-top2-sharded": (["mamba", "attention", "mamba"] * 2, ["moe", "mlp"] * 3),
     "jamba-p2o0-top1-bf16": (["attention", "mamba"] * 2, ["mlp", "moe"] * 2),
+    **{name: (["mamba2"] * 3, None) for name in ("mamba2-groups", "mamba2-native", "mamba2-tied-bf16")},
+    "zamba-tied": (["mamba", "mamba", "hybrid", "mamba", "hybrid", "mamba"], None),
+    "zamba-untied-bf16": (["mamba", "mamba", "hybrid", "mamba", "hybrid", "mamba", "mamba"], None),
+    "zamba2-blocks-adapters": (["mamba2", "hybrid"] * 3, None),
+    "zamba2-1block-bf16": (["mamba2", "mamba2", "hybrid", "mamba2", "hybrid"], None),
 }
 
 
@@ -91,7 +116,8 @@ def test_pull_records_family_format_and_provenance(converted):
     assert um.config["layer_kinds"] == kinds and um.config.get("ffn_kinds") == ffn
     assert set(um.source["files"]) >= {f.name for f in weight_files(src)}
     assert (path / "tokenizer.json").is_file()
-    if name in ("llama-tied-bf16", "jamba-p2o0-top1-bf16"):
+    if name in ("llama-tied-bf16", "jamba-p2o0-top1-bf16", "mamba2-tied-bf16", "zamba-untied-bf16",
+                "zamba2-1block-bf16"):
         assert um.meta["dtype"] == "bfloat16" and um.source["dtype"] == "bfloat16"
     if name == "mamba-native":
         assert um.config["vocab_size"] == 304  # the padded embedding, not config.json's 300
@@ -111,7 +137,7 @@ def test_verify_passes_against_transformers(converted):
     assert len(r["per_layer"]) == open_unified(path).config["n_layer"] and r["first_divergent_layer"] is None
     # greedy ids identical to transformers' greedy generate on the same checkpoint, float32
     assert r["greedy"]["ours"] == r["greedy"]["reference"] and len(r["greedy"]["ours"]) == 32
-    if name == "mamba-native":
+    if name in NATIVE_STATE_SPACES:
         assert "renamed backbone.embedding.weight -> backbone.embeddings.weight" in r["reference"]["weights"]
     assert json.loads((path / "parity.json").read_text())["passed"]
 
@@ -126,7 +152,7 @@ def test_round_trip_to_hub_format_is_exact(converted, tmp_path):
     tied = cfg.get("tie_word_embeddings", cfg.get("tie_embeddings", True))
     if tied:  # a tied head saved as its own key is not written again
         orig.pop("lm_head.weight", None)
-    if name == "mamba-native":  # exported as transformers' MambaForCausalLM
+    if name in NATIVE_STATE_SPACES:  # exported as transformers' MambaForCausalLM / Mamba2ForCausalLM
         orig["backbone.embeddings.weight"] = orig.pop("backbone.embedding.weight")
     assert back.keys() == orig.keys()
     for k, t in orig.items():
@@ -139,7 +165,7 @@ def test_round_trip_to_hub_format_is_exact(converted, tmp_path):
     ref_cls = getattr(transformers, cls)
     exported = ref_cls.from_pretrained(out["path"], dtype=torch.float32).eval()
     with torch.no_grad():
-        if name == "mamba-native":  # no transformers loader: the native tensors as verify's reference holds them
+        if name in NATIVE_STATE_SPACES:  # no transformers loader: the native tensors as verify's reference holds them
             um = open_unified(path)
             original = make_reference(um.source["format"], src, torch.device("cpu"), um.config).model
         else:
@@ -187,30 +213,41 @@ def test_pull_refuses_bad_mamba_and_transformer_sources(tmp_path):
     cfg = json.loads((native / "config.json").read_text())
     cfg["ssm_cfg"] = {"layer": "Mamba2"}
     (native / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(StatecastError, match="ssm_cfg.layer 'Mamba2' is not supported"):
+    with pytest.raises(StatecastError, match="ssm_cfg.layer 'Mamba2' but the mixers hold no mixer.dt_bias"):
         pull(str(native), out=tmp_path / "o4", progress=False)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
 
-def test_compiled_kernels_are_an_explicit_choice(tmp_path, pulled_hf, monkeypatch):
-    """`--kernels compiled` runs Mamba's C++ scan and still passes verify (the test machine
-    has the C++ toolchain, as CI does); a family without compiled kernels, or a machine
-    where the kernel does not build, refuses it with a one-line error."""
+def test_compiled_kernels_are_the_default_where_they_run(tmp_path, pulled_hf, monkeypatch):
+    """By default (`--kernels auto`) Mamba runs its C++ scan where it builds and passes its
+    self-check (the test machine has the C++ toolchain, as CI does) and still passes verify,
+    and parity.json says so; where it cannot, the default is the pure path and the report
+    says why. `--kernels compiled` on a family without compiled kernels, or on a machine
+    where the kernel does not build, is a one-line error."""
     from click.testing import CliRunner
 
     import statecast.arch.mamba as mamba_mod
     from statecast.cli import main
+    from statecast.convert.loading import load_model
 
     runner = CliRunner()
     r = runner.invoke(main, ["generate", str(pulled_hf), "--prompt-ids", "1,2,3", "--kernels", "compiled"])
     assert r.exit_code == 2 and "the rwkv family has no compiled kernels" in r.output
+    assert load_model(pulled_hf)[0].kernels == "torch"  # auto, for a family with no compiled kernels
     info = pull(str(factories.hf_mamba(tmp_path / "src", seed=11)), out=tmp_path / "m", progress=False)
-    r = runner.invoke(main, ["verify", info["path"], "--device", "cpu", "--kernels", "compiled", "--json"])
-    assert r.exit_code == 0, r.output
-    report = json.loads(r.output[r.output.index("{"):])
-    assert report["passed"] and report["kernels"] == "compiled" and report["max_abs_diff"] < 1e-3
-    # a machine where the kernel cannot be built: the error names why, exit 2, no traceback
+    if mamba_mod._toolchain_missing() is None:
+        r = runner.invoke(main, ["verify", info["path"], "--device", "cpu", "--json"])
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.output[r.output.index("{"):])
+        assert report["passed"] and report["kernels"] == "compiled" and report["max_abs_diff"] < 1e-3
+        assert "kernels: compiled" in (Path(info["path"]) / "parity.md").read_text()
+    assert load_model(info["path"], kernels="torch")[0].kernels == "torch"
+    # a machine where the kernel cannot be built: auto falls back and says why; an explicit
+    # choice is an error naming why, exit 2, no traceback
     monkeypatch.setattr(mamba_mod, "_compiled", {"error": "compiled selective scan unavailable: no compiler"})
+    model, _ = load_model(info["path"])
+    assert model.kernels == "torch (compiled kernel unavailable: no compiler)"
+    assert model.layers[0].mamba.scan_impl == "torch"
     r = runner.invoke(main, ["generate", info["path"], "--prompt-ids", "1,2,3", "--kernels", "compiled"])
     assert r.exit_code == 2 and "compiled selective scan unavailable: no compiler" in r.output
     assert "Traceback" not in r.output

@@ -33,6 +33,7 @@ from test_errors import assert_nothing_written, run_bad
 from statecast.checkpoints.readers import load_torch_pickle, open_tensors, weight_files
 from statecast.checkpoints.validate import check_weight_dtypes
 from statecast.cli import main
+from statecast.convert.pull import pull
 from statecast.errors import StatecastError
 from statecast.families import detect, unified_config
 
@@ -312,7 +313,19 @@ def test_rope_theta_nan_is_refused(llama_dir, tmp_path):
     assert "NaN" in (d / "config.json").read_text()  # Python's json writes (and reads) the NaN literal
     pull_bad(d, tmp_path, f"{d / 'config.json'}: rope_parameters.rope_theta: expected a finite number, got nan")
     edit_json(d / "config.json", lambda c: c.pop("rope_parameters") and c.update(rope_theta=-math.inf))
-    pull_bad(d, tmp_path, f"{d / 'config.json'}: rope_theta: expected a finite number, got -inf")
+    # a bare -Infinity parses (transformers writes unbounded limits so) and the range check refuses it
+    pull_bad(d, tmp_path, f"{d / 'config.json'}: rope_theta: expected a positive finite number, got -inf")
+
+
+def test_bare_infinity_in_a_source_config_is_read(tmp_path):
+    """transformers (before 5) wrote Mamba-2's unbounded ``time_step_limit`` as a bare
+    ``Infinity``: such a config.json is read, and the limit recorded as no upper bound."""
+    d = factories.hf_mamba2(tmp_path / "src", hidden=8, layers=1, vocab=64, heads=2, head_dim=8, groups=1, state=4)
+    edit_json(d / "config.json", lambda c: c.update(time_step_limit=[0.0, math.inf]))
+    assert "Infinity" in (d / "config.json").read_text()
+    info = pull(str(d), out=tmp_path / "out", progress=False)
+    config = json.loads((Path(info["path"]) / "statecast.json").read_text())["config"]
+    assert config["dt_limit_min"] == 0.0 and config["dt_limit_max"] is None
 
 
 def test_rope_theta_negative_is_refused(llama_dir, tmp_path):

@@ -1,6 +1,7 @@
 """statecast.arch.mamba: parallel vs recurrent agreement, state handoff, parity with
 transformers' MambaForCausalLM / FalconMambaForCausalLM / JambaMambaMixer, the selective
-scan against the float64 sequential reference, low precision, the optional compiled scan."""
+scan against the float64 sequential reference, low precision, the compiled scan and the
+"auto" choice between it and the pure path."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from statecast.arch.mamba import (
     MambaMixer,
     MambaState,
     compiled_scan_available,
+    compiled_scan_status,
     selective_scan,
     selective_scan_compiled,
     selective_scan_sequential,
@@ -408,11 +410,15 @@ def test_bfloat16_model_runs_and_stays_close():
 
 @pytest.fixture(scope="module")
 def compiled():
-    """The compiled scan is a tested feature: the test machine must have a C++ compiler and
-    ninja (torch.utils.cpp_extension's toolchain), as CI has. A failed build fails here."""
+    """The compiled scan is a tested feature: skipped only on a machine without a C++
+    compiler or ninja (torch.utils.cpp_extension's toolchain); where they are, a failed build
+    or self-check fails here. Built once per session (torch caches it on disk after that)."""
     import statecast.arch.mamba as mamba_mod
 
-    assert compiled_scan_available(), mamba_mod._compiled.get("error")
+    missing = mamba_mod._toolchain_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    assert compiled_scan_available(), compiled_scan_status()
 
 
 @pytest.mark.parametrize("E", [40, 64])
@@ -461,3 +467,64 @@ def test_compiled_path_in_model(compiled):
     model.set_kernels("torch")
     with pytest.raises(ValueError):
         model.set_kernels("cuda")
+
+
+def test_auto_kernels_choose_compiled_where_it_runs(compiled):
+    """set_kernels("auto"): the compiled kernels for a float32 CPU model where they build and
+    pass the self-check; the pure path, saying why, for another dtype or device."""
+    model = make_model(seed=7)
+    ids = torch.randint(0, V, (1, K + 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, _ = model(ids)
+        assert model.set_kernels("auto") == "compiled"
+        assert all(layer.mamba.scan_impl == "compiled" for layer in model.layers)
+        got, _ = model(ids)
+    assert close(got, ref)
+    assert model.set_kernels("torch") == "torch"
+    assert model.layers[0].mamba.scan_impl == "torch"
+    used = model.set_kernels("auto", dtype=torch.bfloat16)
+    assert used == "torch (compiled kernel unavailable: it computes in float32, the model in bfloat16)"
+    assert model.layers[0].mamba.scan_impl == "torch"
+    assert model.set_kernels("auto", device="meta").startswith("torch (compiled kernel unavailable: it runs on the CPU")
+
+
+def test_auto_kernels_fall_back_with_the_reason(monkeypatch):
+    """Where the kernels cannot run (no compiler, a failed build or self-check), "auto" is the
+    pure path and says why; an explicit "compiled" is an error naming the same reason."""
+    import statecast.arch.mamba as mamba_mod
+
+    monkeypatch.setattr(mamba_mod, "_compiled", {"error": "compiled selective scan unavailable: no C++ compiler (c++ not found)"})
+    assert compiled_scan_status() == "no C++ compiler (c++ not found)" and not compiled_scan_available()
+    model = make_model(seed=8)
+    assert model.set_kernels("auto") == "torch (compiled kernel unavailable: no C++ compiler (c++ not found))"
+    assert model.layers[0].mamba.scan_impl == "torch"
+    with pytest.raises(RuntimeError, match="unavailable: no C\\+\\+ compiler"):
+        model.set_kernels("compiled")
+    # built, but the self-check disagrees with the pure path
+    monkeypatch.setattr(mamba_mod, "_compiled", {"op": object(), "status": "self-check failed: scan relative error 3.0e-01 against the pure path"})
+    assert model.set_kernels("auto").endswith("(compiled kernel unavailable: self-check failed: scan relative error 3.0e-01 against the pure path)")
+    with pytest.raises(RuntimeError, match="self-check failed"):
+        model.set_kernels("compiled")
+
+
+def test_self_check_catches_a_wrong_kernel(compiled, monkeypatch):
+    """The self-check compares each kernel with the pure path: a kernel that computes
+    something else (or fails) is reported, not used."""
+    import statecast.arch.mamba as mamba_mod
+
+    assert mamba_mod._self_check() is None
+    real = mamba_mod.selective_scan_compiled
+
+    def off(*args, **kwargs):
+        y, h = real(*args, **kwargs)
+        return y * 1.01, h
+
+    monkeypatch.setattr(mamba_mod, "selective_scan_compiled", off)
+    assert mamba_mod._self_check().startswith("self-check failed: scan relative error")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("illegal\ninstruction")
+
+    monkeypatch.setattr(mamba_mod, "causal_conv_silu_compiled", broken)
+    monkeypatch.setattr(mamba_mod, "selective_scan_compiled", real)
+    assert mamba_mod._self_check() == "self-check failed: RuntimeError: illegal"

@@ -22,6 +22,7 @@ its own file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import typing
@@ -114,7 +115,7 @@ def _value_ok(name: str, value: object, hint) -> bool:
 
 # One letter per layer kind (``layer_kinds`` / ``ffn_kinds`` of a unified config), for a hybrid's
 # layout line in ``convert inspect``: "M A M M A M" / "- E - E - E". A new kind adds its letter here.
-KIND_LETTERS = {"mamba": "M", "attention": "A", "mlp": "-", "moe": "E"}
+KIND_LETTERS = {"mamba": "M", "attention": "A", "mlp": "-", "moe": "E", "hybrid": "H", "mamba2": "S"}
 
 
 def config_from_unified(cls, cfg: dict, kind: str | None):
@@ -315,6 +316,48 @@ class CausalLM(nn.Module):
         logits, state = self.forward(input_ids.reshape(-1, 1), state)
         return (logits[:, 0] if input_ids.dim() == 1 else logits), state
 
+    @contextlib.contextmanager
+    def parallel_as_step(self):
+        """A context in which the whole-sequence path computes what the one-token step does.
+
+        Where the reference's own two paths compute different functions (transformers'
+        Mamba-2 clamps dt on its chunked path and not in its cached step), statecast mirrors
+        each, and a self-consistency check (verify's steps vs parallel, the ONNX step graph
+        vs PyTorch) must compare the step with the whole-sequence path under the step's rule.
+        Every submodule with a ``step_rule`` (a description, or None when its paths agree)
+        switches its whole-sequence path to that rule (``parallel_as_step = True``) inside.
+        Yields the descriptions (empty: nothing differs), for the report."""
+        modules = [m for m in self.modules() if getattr(m, "step_rule", None)]
+        for m in modules:
+            m.parallel_as_step = True
+        try:
+            yield sorted({m.step_rule for m in modules})
+        finally:
+            for m in modules:
+                m.parallel_as_step = False
+
+
+def per_head_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """One independent linear map per head, no bias: x [B, T, H, I], weight [H, O, I] -> [B, T, H, O]
+    (as one batched MatMul over the heads, which exports as a plain MatMul)."""
+    return torch.matmul(x.transpose(1, 2), weight.transpose(1, 2)).transpose(1, 2)
+
+
+class HeadLinear(nn.Module):
+    """H independent ``nn.Linear(I, O)`` maps, one per head, held as ``weight`` [H, O, I] and
+    ``bias`` [H, O] (or None): the per-head ``x_proj`` / ``dt_proj`` of Zamba's multi-head Mamba
+    mixer (``ZambaMambaMixer.x_proj_weight`` / ``dt_proj_weight`` / ``dt_proj_bias``).
+    x [B, T, H, I] -> [B, T, H, O]."""
+
+    def __init__(self, n_heads: int, d_in: int, d_out: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_heads, d_out, d_in))
+        self.bias = nn.Parameter(torch.empty(n_heads, d_out)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = per_head_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
 
 class MLP(nn.Module):
     """``down(act(up(x)))``: GPT-2's ``GPT2MLP`` (``c_fc`` = up, ``c_proj`` = down, with biases)."""
@@ -334,6 +377,21 @@ class MLP(nn.Module):
         return self.down(self.act(h, _inplace_ok(h)))  # [B, T, C]
 
 
+class LoRA(nn.Module):
+    """A low-rank adapter ``up(down(x))`` (Hu et al. 2021, "LoRA"), added to a projection's
+    output by the module that uses it: Zamba2's per-use adapters on its shared blocks'
+    q/k/v and gate|up projections (``nn.Sequential(Linear(in, r), Linear(r, out))``, no bias).
+    x [..., I] -> [..., O]; ``down.weight`` [r, I], ``up.weight`` [O, r]."""
+
+    def __init__(self, d_in: int, rank: int, d_out: int):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``: Llama's ``LlamaMLP`` (SwiGLU with act="silu";
     Shazeer 2020, "GLU Variants Improve Transformer"); also Mistral, Qwen2 and Jamba."""
@@ -349,9 +407,16 @@ class GatedMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"act={self.act_name}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter: "LoRA | None" = None) -> Tensor:
+        """x [B, T, C] -> [B, T, C]. ``adapter``: a :class:`LoRA` [C -> 2F] whose output rows
+        [gate | up] are added to gate(x) and up(x) (Zamba2's ``gate_up_proj_adapter_list``
+        entry of one use of a shared MLP)."""
         g = self.gate(x)  # [B, T, F]
         u = self.up(x)  # [B, T, F]
+        if adapter is not None:
+            d = adapter(x)  # [B, T, 2F]
+            F_ = g.shape[-1]
+            g, u = g + d[..., :F_], u + d[..., F_:]
         if _inplace_ok(g):
             return self.down(self.act(g, True).mul_(u))
         return self.down(self.act(g) * u)  # [B, T, C]
@@ -573,6 +638,9 @@ class Attention(nn.Module):
     Mirrors ``LlamaAttention`` (+ ``sdpa_attention_forward``; Mistral's sliding window,
     Qwen2's q/k/v biases) and ``GPT2Attention`` (c_attn split into q/k/v, biases everywhere,
     no rotary). With ``rope=None`` and no learned positions it is Jamba's attention (NoPE).
+    ``d_in`` (default ``d_model``) is the width q/k/v read, when it is not the width o writes:
+    Zamba's shared attention reads the residual stream concatenated with the embeddings (2C)
+    and writes C (``ZambaAttention``).
     Softmax(q k^T * scale + mask) v via ``F.scaled_dot_product_attention``, which exports to
     ONNX (opset >= 14) and, on CPU, runs a flash kernel instead of materialising [T, S] scores.
 
@@ -593,6 +661,7 @@ class Attention(nn.Module):
         o_bias: bool = False,
         sliding_window: int | None = None,
         scale: float | None = None,
+        d_in: int | None = None,
     ):
         super().__init__()
         if n_head % n_kv_head:
@@ -600,9 +669,10 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.sliding_window = sliding_window
         self.scale = head_dim**-0.5 if scale is None else float(scale)
-        self.q = nn.Linear(d_model, n_head * head_dim, bias=qkv_bias)
-        self.k = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
-        self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
+        d_in = d_model if d_in is None else d_in  # q/k/v read d_in features, o writes d_model
+        self.q = nn.Linear(d_in, n_head * head_dim, bias=qkv_bias)
+        self.k = nn.Linear(d_in, n_kv_head * head_dim, bias=qkv_bias)
+        self.v = nn.Linear(d_in, n_kv_head * head_dim, bias=qkv_bias)
         self.o = nn.Linear(n_head * head_dim, d_model, bias=o_bias)
 
     def forward(
@@ -613,22 +683,28 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         kv_out: tuple[Tensor, Tensor] | None = None,
+        adapters: dict[str, LoRA] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, C]; past_key, past_value [B, Hkv, P, D]; rope: (cos, sin) [T, D] or
+        """x [B, T, d_in]; past_key, past_value [B, Hkv, P, D]; rope: (cos, sin) [T, D] or
         [B, T, D] for the T new positions (None: no rotary positions); mask: the
         :func:`attention_bias` of these shapes, if the caller shares one across layers
         (None: built here); kv_out: two fresh contiguous [B, Hkv, P+T, D] tensors (e.g. one
         layer's slice of a stacked state) to write key and value into, saving the caller a
         stacking copy. Eager no-grad use only: ``out=`` has no autograd and does not export.
+        adapters: :class:`LoRA` deltas by projection ("q", "k", "v"), added to those projections
+        of x (one use of Zamba2's shared attention).
         -> out [B, T, C], key and value [B, Hkv, P+T, D] (past + new; the past is not trimmed
         to the sliding window: the mask hides what lies outside it)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // Hkv
         P = past_key.shape[2]
-        q = self.q(x).view(B, T, H, D)
-        k = self.k(x).view(B, T, Hkv, D)
-        v = self.v(x).view(B, T, Hkv, D)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if adapters:
+            q, k, v = (t + adapters[n](x) if n in adapters else t for n, t in (("q", q), ("k", k), ("v", v)))
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        v = v.view(B, T, Hkv, D)
         if rope is not None:
             cos, sin = (t.unsqueeze(-2) for t in rope)  # [(B,) T, 1, D]: broadcast over heads
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

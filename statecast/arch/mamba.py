@@ -55,13 +55,17 @@ Deviations from the references (numerical only; the same function is computed):
   * The logits come out in the model dtype (transformers casts them to float32), as in
     the other statecast families.
 
-Optional compiled path (``scan_impl="compiled"``, set by the caller through
-``Mamba.set_kernels`` or ``MambaMixer.scan_impl``; never chosen implicitly): two small
-C++ CPU kernels in ``kernels/mamba_scan.cpp``, built on first use with
-``torch.utils.cpp_extension.load``: the selective scan fused with the D skip and the silu
-gate (one loop over T per block of 16 channels, vectorised over channels, polynomial
-exp2), and the causal conv fused with its silu. Used only for float32, T > 1, when
-autograd does not record; the pure-PyTorch path is the default, the reference and what
+Compiled path (``scan_impl="compiled"``, set through ``Mamba.set_kernels`` or
+``MambaMixer.scan_impl``): two small C++ CPU kernels in ``kernels/mamba_scan.cpp``, built
+with the local compiler by ``torch.utils.cpp_extension.load`` (once; torch caches the build
+on disk for later processes): the selective scan fused with the D skip and the silu gate
+(one loop over T per block of 16 channels, vectorised over channels, polynomial exp2), and
+the causal conv fused with its silu. Used only for float32, T > 1, when autograd does not
+record. A model built here runs the pure path; ``Mamba.set_kernels("auto")`` (what
+``load_model``, ``verify``, ``generate`` and the CLI do by default) picks the compiled
+kernels for a float32 CPU model when they build and pass a self-check against the pure
+path on a small random input (:func:`compiled_scan_status`, once per process), and the
+pure path otherwise, saying why. The pure path is the reference, always there, and what
 export traces.
 
 Memory: on CPU every fresh [B, T, E] temporary of a layer is returned to the OS by the
@@ -85,11 +89,13 @@ from torch import Tensor, nn
 
 from statecast.arch.layers import (
     CausalLM,
+    HeadLinear,
     RMSNorm,
     config_from_unified,
     embedding,
     every_layer,
     is_exporting,
+    per_head_linear,
     rms_norm,
     stack_layers,
 )
@@ -271,9 +277,9 @@ def _selective_scan_autograd(x: Tensor, dt: Tensor, a2: Tensor, Bm: Tensor, Cm: 
 # --------------------------------------------------------------------------- compiled scan (optional)
 #
 # The same scan as one fused C++ loop (kernels/mamba_scan.cpp, built on first use with
-# the local compiler by torch.utils.cpp_extension.load). Optional: selected only by an
-# explicit ``scan_impl="compiled"`` (MambaMixer attribute / Mamba.set_kernels); the pure
-# path above stays the default and the one ONNX export traces.
+# the local compiler by torch.utils.cpp_extension.load). Selected by ``scan_impl="compiled"``
+# (MambaMixer attribute / Mamba.set_kernels, "auto" where it builds and passes its
+# self-check); the pure path above is the fallback and the one ONNX export traces.
 
 # shipped as package data (pyproject.toml) next to this module: compiled where installed
 _SCAN_SOURCE = Path(__file__).parent / "kernels" / "mamba_scan.cpp"
@@ -281,33 +287,99 @@ _SCAN_SOURCE = Path(__file__).parent / "kernels" / "mamba_scan.cpp"
 # -fno-trapping-math lets GCC if-convert the clamp and vectorise exp2_neg; -march=native
 # because the build is local (the build name includes the CPU model, see below).
 _SCAN_CFLAGS = ("-O3", "-march=native", "-fno-trapping-math")
-_compiled: dict = {}  # "op" -> the torch op, or "error" -> why it could not be built
+# "op" -> the torch op, or "error" -> why it could not be built ("compiled selective scan
+# unavailable: <reason>"); "status" -> compiled_scan_status()'s answer
+_compiled: dict = {}
+_UNAVAILABLE = "compiled selective scan unavailable: "
+# a build's lock file (torch.utils.cpp_extension's FileBaton) older than this is a killed
+# build's: torch would wait for it forever
+_STALE_LOCK_S = 600.0
+_LOCK_WAIT_S = 300.0  # how long another process's build is waited for
+
+
+def _build_name() -> str:
+    """The extension's name: a new one (a fresh build, a fresh op namespace) whenever the
+    source, the flags, the CPU (-march=native) or torch change."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    parts = (*_SCAN_CFLAGS, cpu, torch.__version__)
+    key = b"\0".join([_SCAN_SOURCE.read_bytes(), *(p.encode() for p in parts)])
+    return "statecast_mamba_scan_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def _toolchain_missing() -> str | None:
+    """Why torch.utils.cpp_extension cannot build here (no compiler, no ninja), or None;
+    checked before trying, so that a machine without them answers at once."""
+    import os
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx} not found)"
+    if not is_ninja_available():
+        return "no ninja (torch.utils.cpp_extension builds with it; pip install ninja)"
+    return None
+
+
+def _wait_for_lock(directory: str) -> None:
+    """A build of this extension by another process holds ``directory/lock``: wait for it,
+    at most :data:`_LOCK_WAIT_S`; remove a lock left by a killed build (older than
+    :data:`_STALE_LOCK_S`), which torch would otherwise wait for forever."""
+    import os
+    import time
+
+    lock = os.path.join(directory, "lock")
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except OSError:
+            return  # no lock
+        if age > _STALE_LOCK_S:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"another process is building it (lock file {lock})")
+        time.sleep(0.2)
+
+
+def _short(e: BaseException) -> str:
+    """An exception in one line (a failed build's message holds the compiler's output)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def load_compiled_scan(verbose: bool = False):
-    """Build (once per process; cached on disk by torch) and return the compiled ops
-    (``.selective_scan``, ``.causal_conv_silu``).
+    """Build (once per process; cached on disk by torch, so a later process only loads it)
+    and return the compiled ops (``.selective_scan``, ``.causal_conv_silu``).
 
-    Raises RuntimeError when it cannot be built (no compiler, no ninja, ...).
+    Raises RuntimeError ("compiled selective scan unavailable: <reason>") when it cannot be
+    built (no compiler, no ninja, a compile error, ...); the answer is kept for the process.
     """
     if "op" in _compiled:
         return _compiled["op"]
     if "error" in _compiled:
         raise RuntimeError(_compiled["error"])
     try:
-        from torch.utils.cpp_extension import load
+        import os
 
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln for ln in f if ln.startswith("model name")), cpu)
-        except OSError:
-            pass
-        # a new name (a fresh build, a fresh op namespace) whenever the source, the flags,
-        # the CPU (-march=native) or torch change
-        parts = (*_SCAN_CFLAGS, cpu, torch.__version__)
-        key = b"\0".join([_SCAN_SOURCE.read_bytes(), *(p.encode() for p in parts)])
-        name = "statecast_mamba_scan_" + hashlib.sha256(key).hexdigest()[:12]
+        from torch.utils.cpp_extension import get_default_build_root, load
+
+        missing = _toolchain_missing()
+        if missing is not None:
+            raise RuntimeError(missing)
+        name = _build_name()
+        _wait_for_lock(os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name))
         load(
             name,
             sources=[str(_SCAN_SOURCE)],
@@ -317,18 +389,61 @@ def load_compiled_scan(verbose: bool = False):
         )
         _compiled["op"] = getattr(torch.ops, name)
     except Exception as e:  # noqa: BLE001 - any build failure means "not available"
-        _compiled["error"] = f"compiled selective scan unavailable: {type(e).__name__}: {e}"
+        reason = str(e) if isinstance(e, RuntimeError) and "\n" not in str(e) else _short(e)
+        _compiled["error"] = _UNAVAILABLE + reason
         raise RuntimeError(_compiled["error"]) from e
     return _compiled["op"]
 
 
-def compiled_scan_available() -> bool:
-    """Whether the compiled scan builds here (tries once per process)."""
+def _self_check() -> str | None:
+    """Run both compiled kernels on a small random input (E not a multiple of the kernel's
+    16-channel blocks, T not of anything) against the pure path: None when they agree to
+    float32 rounding, else what went wrong. Milliseconds."""
+    g = torch.Generator().manual_seed(1234)
+    B, T, E, N, W = 2, 37, 40, 5, 4
+    x = torch.randn(B, T, E, generator=g)
+    dt = F.softplus(torch.randn(B, T, E, generator=g) - 1.0)
+    A = -torch.exp(torch.randn(E, N, generator=g) * 0.5)
+    Bm, Cm = torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
+    h = torch.randn(B, E, N, generator=g)
+    D, z = torch.randn(E, generator=g), torch.randn(B, T, E, generator=g)
+    prev, w, bias = torch.randn(B, W - 1, E, generator=g), torch.randn(E, W, generator=g), torch.randn(E, generator=g)
     try:
-        load_compiled_scan()
-    except RuntimeError:
-        return False
-    return True
+        with torch.no_grad():
+            y_ref, h_ref = selective_scan(x, dt, A, Bm, Cm, h)
+            y_ref = (y_ref + x * D) * F.silu(z)
+            y, h_out = selective_scan_compiled(x, dt, A, Bm, Cm, h, D, z)
+            c_ref = MambaMixer._conv_silu(x, prev, w, bias)
+            c = causal_conv_silu_compiled(x, prev, w, bias)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to run is not usable
+        return f"self-check failed: {_short(e)}"
+    for what, got, ref in (("scan", y, y_ref), ("state", h_out, h_ref), ("conv", c, c_ref)):
+        if got.shape != ref.shape:
+            return f"self-check failed: {what} shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if not err <= 1e-4:  # NaN too
+            return f"self-check failed: {what} relative error {err:.1e} against the pure path"
+    return None
+
+
+def compiled_scan_status() -> str | None:
+    """None when the compiled kernels are usable here: they build (or load from torch's
+    build cache) and pass :func:`_self_check` against the pure path; else why not, in a few
+    words. Decided once per process."""
+    if "status" not in _compiled:
+        try:
+            load_compiled_scan()
+        except RuntimeError as e:
+            _compiled["status"] = str(e).removeprefix(_UNAVAILABLE)
+        else:
+            _compiled["status"] = _self_check()
+    return _compiled["status"]
+
+
+def compiled_scan_available() -> bool:
+    """Whether the compiled kernels build here and pass their self-check (decided once per
+    process)."""
+    return compiled_scan_status() is None
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -376,8 +491,22 @@ class MambaMixer(nn.Module):
     ``FalconMambaMixer`` / ``JambaMambaMixer``): in_proj -> causal depthwise conv -> silu ->
     selective SSM (dt, B, C from x_proj) -> D skip -> silu(z) gate -> out_proj.
 
-    Built from plain dimensions so that Jamba's Mamba layers reuse it. ``scan_impl``
+    Built from plain dimensions so that Jamba's and Zamba's Mamba layers reuse it. ``scan_impl``
     ("torch" default, or "compiled") picks the whole-sequence scan; the caller sets it.
+
+    ``n_heads`` > 1 is Zamba's multi-head mixer (``ZambaMambaMixer``): the E channels after the
+    conv are split into H heads of E/H consecutive channels, and each head has its own x_proj
+    (so its own dt, B, C) and dt_proj; every head runs the same selective SSM on its channels,
+    and the heads' outputs, concatenated, go through the one out_proj. The per-head tensors
+    keep transformers' head axis (canonical shapes, H = n_heads, Eh = E / H):
+
+        x_proj.weight [H, R+2N, Eh]   dt_proj.weight [H, Eh, R]   dt_proj.bias [H, Eh]
+        A_log [H, Eh, N]              D [H, Eh]
+
+    in_proj, conv1d and out_proj are as for one head ([x | z] halves of in_proj: Zamba's
+    interleaved x/z rows are reordered on conversion), and so is the state: conv [B, E, W-1],
+    ssm [B, E, N] with channel e = h * Eh + j. ``n_heads=1`` is the Mamba-1 mixer, unchanged:
+    x_proj / dt_proj are ``nn.Linear`` and A_log [E, N], D [E] have no head axis.
     """
 
     def __init__(
@@ -388,6 +517,7 @@ class MambaMixer(nn.Module):
         d_conv: int,
         dt_rank: int,
         *,
+        n_heads: int = 1,
         proj_bias: bool = False,
         conv_bias: bool = True,
         bcdt_norm: str = "none",
@@ -396,17 +526,25 @@ class MambaMixer(nn.Module):
         super().__init__()
         if bcdt_norm not in BCDT_NORMS:
             raise ValueError(f"bcdt_norm must be one of {BCDT_NORMS}, got {bcdt_norm!r}")
-        C, E, N, W, R = d_model, d_inner, d_state, d_conv, dt_rank
-        self.d_inner, self.d_state, self.d_conv, self.dt_rank = E, N, W, R
+        if n_heads < 1 or d_inner % n_heads:
+            raise ValueError(f"n_heads must be a positive divisor of d_inner ({d_inner}), got {n_heads!r}")
+        C, E, N, W, R, H = d_model, d_inner, d_state, d_conv, dt_rank, n_heads
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank, self.n_heads = E, N, W, R, H
         self.bcdt_norm, self.bcdt_norm_eps = bcdt_norm, bcdt_norm_eps
         self.scan_impl = "torch"
         self.in_proj = nn.Linear(C, 2 * E, bias=proj_bias)  # -> [x | z]
         # depthwise causal conv, HF's weight shape [E, 1, W]; the padding is unused (we carry state)
         self.conv1d = nn.Conv1d(E, E, W, groups=E, bias=conv_bias)
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # -> [dt | B | C]
-        self.dt_proj = nn.Linear(R, E, bias=True)
-        self.A_log = nn.Parameter(torch.empty(E, N))  # A = -exp(A_log)
-        self.D = nn.Parameter(torch.empty(E))
+        if H == 1:
+            self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # -> [dt | B | C]
+            self.dt_proj = nn.Linear(R, E, bias=True)
+            self.A_log = nn.Parameter(torch.empty(E, N))  # A = -exp(A_log)
+            self.D = nn.Parameter(torch.empty(E))
+        else:  # per head: [H, ...] (see the class docstring)
+            self.x_proj = HeadLinear(H, E // H, R + 2 * N)
+            self.dt_proj = HeadLinear(H, R, E // H, bias=True)
+            self.A_log = nn.Parameter(torch.empty(H, E // H, N))
+            self.D = nn.Parameter(torch.empty(H, E // H))
         self.out_proj = nn.Linear(E, C, bias=proj_bias)
         if bcdt_norm == "rms_weighted":
             self.dt_norm = RMSNorm(R, eps=bcdt_norm_eps)
@@ -443,7 +581,8 @@ class MambaMixer(nn.Module):
         dt_proj init, no prenorm rescale): S4D-real A_log = log(1..N), D = 1, dt_proj bias
         = softplus^-1 of a log-uniform dt, kaiming-uniform conv and out_proj."""
         E, N, R = self.d_inner, self.d_state, self.dt_rank
-        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N))
+        # (reshaped to the head layout when n_heads > 1: ZambaPreTrainedModel._init_weights)
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N).reshape(self.A_log.shape))
         self.D.fill_(1.0)
         for lin in (self.in_proj, self.x_proj):
             lin.weight.normal_(0.0, init_std, generator=generator)
@@ -453,7 +592,7 @@ class MambaMixer(nn.Module):
         self.dt_proj.weight.uniform_(-std, std, generator=generator)
         u = torch.rand(E, generator=generator, dtype=torch.float32)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias.copy_((dt + torch.log(-torch.expm1(-dt))).reshape(self.dt_proj.bias.shape))  # inverse softplus
         nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5), generator=generator)
         if self.conv1d.bias is not None:
             self.conv1d.bias.zero_()
@@ -476,7 +615,7 @@ class MambaMixer(nn.Module):
         -> out [B, T, C], new conv [B, E, W-1], new ssm [B, E, N]. T == 1 is the one-step
         recurrence (HF ``causal_conv1d_update`` + ``mamba_selective_state_update``)."""
         T = x.shape[1]
-        E, N, R, W = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+        E, N, R, W, H = self.d_inner, self.d_state, self.dt_rank, self.d_conv, self.n_heads
         dtype = x.dtype
         # autograd will record this call: no in-place rewrites of saved tensors, no C++ kernels
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -506,24 +645,32 @@ class MambaMixer(nn.Module):
             else:
                 new_conv = torch.cat([conv[:, :, T:], xi.transpose(1, 2).to(conv.dtype)], dim=2)
 
-        # 2. input-dependent dt, B, C (Falcon / Jamba: RMS-normalised)
-        dbc = self.x_proj(xa)  # [B, T, R + 2N]
-        dt_r = self._norm(dbc[..., :R], "dt_norm")  # [B, T, R]
-        Bm = self._norm(dbc[..., R : R + N], "b_norm").float()  # [B, T, N]
-        Cm = self._norm(dbc[..., R + N :], "c_norm").float()  # [B, T, N]
+        # 2. input-dependent dt, B, C (Falcon / Jamba: RMS-normalised); per head: [B, T, H, ...]
+        dbc = self.x_proj(xa if H == 1 else xa.unflatten(-1, (H, E // H)))  # [B, T, (H,) R + 2N]
+        dt_r = self._norm(dbc[..., :R], "dt_norm")  # [B, T, (H,) R]
+        Bm = self._norm(dbc[..., R : R + N], "b_norm").float()  # [B, T, (H,) N]
+        Cm = self._norm(dbc[..., R + N :], "c_norm").float()  # [B, T, (H,) N]
         # HF: dt_proj.weight @ dt (no bias), + bias in float32, softplus
-        dt = F.linear(dt_r, self.dt_proj.weight).float().add_(self.dt_proj.bias.float())  # [B, T, E]
+        if H == 1:
+            dt = F.linear(dt_r, self.dt_proj.weight).float().add_(self.dt_proj.bias.float())  # [B, T, E]
+        else:  # [B, T, H, Eh] -> [B, T, E], channel e = h * Eh + j
+            dt = per_head_linear(dt_r, self.dt_proj.weight).flatten(-2).float().add_(self.dt_proj.bias.float().reshape(E))
         if needs_grad or is_exporting():  # softplus.out has no ONNX symbolic
             dt = F.softplus(dt)
         else:  # in place: one fresh [B, T, E] buffer less (see "Memory" in the module docstring)
             dt = torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
-        A = -torch.exp(self.A_log.float())  # [E, N]
+        A = -torch.exp(self.A_log.float())  # [E, N] (per head: [H, Eh, N])
+        D = self.D if H == 1 else self.D.reshape(E)  # [E]
 
         # 3. selective SSM, D skip, silu(z) gate (float32)
         xf = xa.float()
         if T == 1:  # [B, 1, E] / [B, 1, N] operands reshaped, not indexed (see ssm_step)
-            y, ssm = _ssm_step_columns(xf, dt, A, Bm, Cm, ssm.float())
-            y = (y.reshape(-1, 1, E) + xf * self.D.float()) * F.silu(z.float())  # [B, 1, E]
+            step = _ssm_step_columns if H == 1 else self._ssm_step_heads
+            y, ssm = step(xf, dt, A, Bm, Cm, ssm.float())
+            y = (y.reshape(-1, 1, E) + xf * D.float()) * F.silu(z.float())  # [B, 1, E]
+        elif H > 1:  # per head, transformers' loop over heads (no compiled kernel for heads)
+            y, ssm = self._scan_heads(xf, dt, A, Bm, Cm, ssm.float())
+            y = y.addcmul_(xf, D.float()).mul_(F.silu(z.float()))
         elif compiled:
             y, ssm = selective_scan_compiled(xf, dt, A, Bm, Cm, ssm, self.D, z, out=dt)  # gated inside, over dt
         else:
@@ -535,6 +682,31 @@ class MambaMixer(nn.Module):
         out = self.out_proj(y.to(dtype))  # [B, T, C]
         # (a cast only when needed: the tracer records even a same-dtype .to() as a Cast node)
         return out, new_conv if new_conv.dtype == conv.dtype else new_conv.to(conv.dtype), ssm
+
+    @staticmethod
+    def _ssm_step_heads(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
+        """One token of H heads' SSMs: x, dt [B, 1, E]; A [H, Eh, N]; Bm, Cm [B, 1, H, N]; h [B, E, N]
+        -> y [B, E, 1], new h [B, E, N] (``ssm_step`` with each head's own B and C)."""
+        H, Eh, N = A.shape
+        dt, x = dt.reshape(-1, H, Eh, 1), x.reshape(-1, H, Eh, 1)  # [B, H, Eh, 1]
+        dA = torch.exp(dt * A)  # [B, H, Eh, N]
+        dBx = (dt * x) * Bm.reshape(-1, H, 1, N)
+        h = torch.addcmul(dBx, h.reshape(-1, H, Eh, N), dA)
+        y = torch.matmul(h, Cm.reshape(-1, H, N, 1))  # [B, H, Eh, 1]
+        return y.reshape(-1, H * Eh, 1), h.reshape(-1, H * Eh, N)
+
+    @staticmethod
+    def _scan_heads(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor):
+        """``selective_scan`` per head: x, dt [B, T, E]; A [H, Eh, N]; Bm, Cm [B, T, H, N];
+        h [B, E, N] -> y [B, T, E], final h [B, E, N]."""
+        H, Eh, _ = A.shape
+        ys, hs = [], []
+        for k in range(H):
+            c = slice(k * Eh, (k + 1) * Eh)
+            y, hk = selective_scan(x[..., c], dt[..., c], A[k], Bm[:, :, k], Cm[:, :, k], h[:, c])
+            ys.append(y)
+            hs.append(hk)
+        return torch.cat(ys, -1), torch.cat(hs, 1)
 
     @staticmethod
     def _conv_silu(xi: Tensor, prev: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -560,13 +732,16 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """x + mamba(norm(x)), residual in float32 when ``residual_in_fp32`` (HF ``MambaBlock``)."""
+    """x + mamba(norm(x)), residual in float32 when ``residual_in_fp32`` (HF ``MambaBlock``;
+    Mamba-2's block is the same around its own mixer: ``mixer_class``)."""
 
-    def __init__(self, cfg: MambaConfig):
+    mixer_class = None  # set below: MambaMixer (Mamba2Block: Mamba2Mixer)
+
+    def __init__(self, cfg):
         super().__init__()
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mamba = MambaMixer.from_config(cfg)
+        self.mamba = self.mixer_class.from_config(cfg)
 
     def forward(self, x: Tensor, conv: Tensor, ssm: Tensor):
         # x: [B, T, C] residual stream (float32 after the first block when residual_in_fp32)
@@ -576,12 +751,21 @@ class MambaBlock(nn.Module):
         return res + out, conv, ssm
 
 
+MambaBlock.mixer_class = MambaMixer
+
+
 class Mamba(CausalLM):
-    def __init__(self, cfg: MambaConfig):
+    """Embedding, blocks, final norm, head: Mamba-1, and Mamba-2 through ``block_class`` /
+    ``state_type`` (``arch/mamba2.py``)."""
+
+    block_class = MambaBlock
+    state_type = MambaState
+
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.embed = embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.n_layer))
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # HF norm_f
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not self.embed.weight.is_meta:  # a meta model (shapes only) needs no init
@@ -600,18 +784,41 @@ class Mamba(CausalLM):
             self.lm_head.weight.normal_(0.0, 0.1, generator=generator)
         self.final_norm.reset_parameters()
 
-    def set_kernels(self, impl: str) -> None:
-        """Choose the whole-sequence scan of every mixer: "torch" (default) or "compiled"
-        (builds the C++ kernel now; RuntimeError if it cannot)."""
-        if impl not in SCAN_IMPLS:
-            raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {impl!r}")
+    def set_kernels(self, impl: str, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+        """Choose the whole-sequence scan of every mixer and return which one runs.
+
+        "torch": the pure path (a new model's). "compiled": the C++ kernels (built now;
+        RuntimeError if they cannot be built or fail their self-check). "auto": the compiled
+        kernels where they apply (a float32 model on the CPU) and are usable here
+        (:func:`compiled_scan_status`), else the pure path. Returns "torch", "compiled", or
+        for "auto" falling back "torch (compiled kernel unavailable: <why>)": what a report
+        records. ``device`` / ``dtype``: where and how the model will run (default: its
+        embedding's, the right answer once the weights are loaded)."""
+        if impl not in ("auto", *SCAN_IMPLS):
+            raise ValueError(f"scan_impl must be one of {('auto', *SCAN_IMPLS)}, got {impl!r}")
+        used = impl
         if impl == "compiled":
             load_compiled_scan()
+            why = compiled_scan_status()
+            if why is not None:
+                raise RuntimeError(_UNAVAILABLE + why)
+        elif impl == "auto":
+            device = torch.device(self.embed.weight.device if device is None else device)
+            dtype = self.embed.weight.dtype if dtype is None else dtype
+            if device.type != "cpu":
+                why = f"it runs on the CPU, the model on {device.type}"
+            elif dtype != torch.float32:
+                why = f"it computes in float32, the model in {str(dtype).removeprefix('torch.')}"
+            else:
+                why = compiled_scan_status()
+            used = "compiled" if why is None else f"torch (compiled kernel unavailable: {why})"
         for layer in self.layers:
-            layer.mamba.scan_impl = impl
+            layer.mamba.scan_impl = "compiled" if used == "compiled" else "torch"
+        return used
 
     def state_layers(self) -> dict[str, tuple[int, ...]]:
-        return every_layer(MambaState._fields, self.cfg.n_layer)
+        return every_layer(self.state_type._fields, self.cfg.n_layer)
 
     def init_state(self, batch: int, device=None) -> MambaState:
         cfg = self.cfg
@@ -652,4 +859,4 @@ class Mamba(CausalLM):
             ssms.append(ssm)
             if hidden is not None:
                 hidden.append(x)
-        return x, MambaState(stack_layers(convs), stack_layers(ssms))
+        return x, self.state_type(stack_layers(convs), stack_layers(ssms))

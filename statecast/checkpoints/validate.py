@@ -49,9 +49,12 @@ def parse_json(raw: bytes, where: object, what: str = "JSON", object_pairs_hook=
         raise StatecastError(f"{where}: {what} is not valid JSON ({first_line(e)})") from None
 
 
-def read_json_object(path: Path, what: str = "") -> dict:
+def read_json_object(path: Path, what: str = "", allow_infinity: bool = False) -> dict:
     """A JSON file that must hold an object (config.json, an index, a tokenizer file), with
-    no ``NaN`` or ``Infinity`` (which Python's json accepts) anywhere."""
+    no ``NaN`` anywhere and, unless ``allow_infinity``, no ``Infinity`` (Python's json accepts
+    both). A source config.json allows ``Infinity``: transformers writes an unbounded limit
+    that way (Mamba-2's ``time_step_limit: [0.0, Infinity]``), and every value statecast takes
+    from it passes the typed, ranged checks of the unified config."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -62,7 +65,7 @@ def read_json_object(path: Path, what: str = "") -> dict:
     stack: list[tuple[str, object]] = [("", obj)]
     while stack:  # iterative: a deeply nested file must not exhaust the recursion limit here
         key, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not (math.isfinite(value) or allow_infinity and not math.isnan(value)):
             raise StatecastError(f"{path}: {key}: expected a finite number, got {value}")
         if isinstance(value, dict):
             stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())

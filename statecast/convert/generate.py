@@ -34,7 +34,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, **sampling) 
 
 def generate(path: str | Path, prompt: str | None = None, prompt_ids: str | None = None, max_new_tokens: int = 32,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             dtype: str | None = None, device: str = "cpu", kernels: str = "torch",
+             dtype: str | None = None, device: str = "cpu", kernels: str = "auto",
              on_text: Callable[[str], None] | None = None) -> dict:
     model, um = load_model(path, dtype=dtype, device=device, kernels=kernels)
     tok = load_tokenizer(um)

@@ -33,7 +33,7 @@ from ..checkpoints.layout import FORMAT, META_FILE, FileHasher, PlannedTensor, s
 from ..checkpoints.readers import dtype_name, open_tensors, parse_dtype
 from ..errors import StatecastError
 from ..families import Detected, detect, unified_config
-from ..families.tables import TRANSFORMS, Mapping, map_keys
+from ..families.tables import TRANSFORMS, Mapping, map_keys, same_bits
 
 
 @dataclass
@@ -72,8 +72,9 @@ def plan_tensors(det: Detected, src_tensors, ucfg: dict, dtype: torch.dtype | No
     write plan in the same order (no data read yet). Unless ``allow_nonfinite``, each produced
     floating tensor is checked for NaN/Inf as it is produced."""
     shapes = {k: src_tensors.shape(k) for k in src_tensors.keys()}
-    mapping = map_keys(det.fmt, shapes, det.family.expected_shapes(ucfg), str(det.root))
+    mapping = map_keys(det.fmt.for_config(ucfg), shapes, det.family.expected_shapes(ucfg), str(det.root))
     _check_dtypes(src_tensors, mapping, det)
+    _check_copies(src_tensors, mapping, det)
     plan = []
     for name, (target, shape) in mapping.entries.items():
         out_dtype = det.family.storage_dtype(name, src_tensors.dtype(_first_source(target)), dtype)
@@ -123,6 +124,23 @@ def _check_dtypes(src_tensors, mapping: Mapping, det: Detected) -> None:
         bad = [k for k in keys if not src_tensors.dtype(k).is_floating_point]
         if bad:
             raise StatecastError(f"{f}: tensor {bad[0]!r} is {dtype_name(src_tensors.dtype(bad[0]))}; expected a floating-point weight")
+
+
+def _check_copies(src_tensors, mapping: Mapping, det: Detected) -> None:
+    """A tensor the source stores under several names (``Target.copies``: a tied block saved
+    more than once) is the same bits under each; read one pair at a time, before anything is
+    written."""
+    seen = set()
+    for target, _ in mapping.entries.values():
+        first = None
+        for key in target.copies:
+            if (target.source, key) in seen:  # the parts of a split tensor share their source
+                continue
+            seen.add((target.source, key))
+            first = src_tensors.get(target.source) if first is None else first
+            if not same_bits(first, src_tensors.get(key)):
+                raise StatecastError(f"{_file_of(src_tensors, key, det)}: tensors {target.source!r} and {key!r} are "
+                                     f"copies of one tied tensor but differ")
 
 
 def _nonfinite_message(f: Path, key: str) -> str:

@@ -38,7 +38,7 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> d
     out = Path(out).absolute()
     with um.tensors() as tensors, atomic_directory(out, force=force, keep=[um.path]) as tmp:
         plan = []
-        for key, names, transform in group_by_source(fmt, tensors.keys()):
+        for key, names, transform in group_by_source(fmt.for_config(um.config), tensors.keys()):
             t = TRANSFORMS[transform]
             if t.stacked:
                 plan += _unstack_plan(key, t, tensors, names[0])

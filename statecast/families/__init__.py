@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoints.readers import weight_files
 from ..checkpoints.validate import check_tokenizer, contained, first_line, read_json_object
 from ..errors import StatecastError
-from . import jamba, mamba, rwkv, transformer
+from . import jamba, mamba, mamba2, rwkv, transformer, zamba, zamba2
 from .record import Family, HfArch
 from .tables import SourceFormat
 
@@ -33,7 +33,8 @@ def _registry(*families: Family) -> dict[str, Family]:
     return {f.name: f for f in families}
 
 
-FAMILIES: dict[str, Family] = _registry(rwkv.FAMILY, mamba.FAMILY, transformer.FAMILY, jamba.FAMILY)
+FAMILIES: dict[str, Family] = _registry(rwkv.FAMILY, mamba.FAMILY, transformer.FAMILY, jamba.FAMILY, mamba2.FAMILY,
+                                        zamba.FAMILY, zamba2.FAMILY)
 SUPPORTED = "; ".join(
     f"{f.name} ({', '.join([a.architecture for a in f.hf] + ([f.native.fmt.name] if f.native else []))})"
     for f in FAMILIES.values()
@@ -133,7 +134,7 @@ def detect(path: Path) -> Detected:
     cfg = None
     if path.is_dir() and config_path.is_file():
         contained(root, config_path.name, str(root))
-        cfg = read_json_object(config_path)
+        cfg = read_json_object(config_path, allow_infinity=True)
     files = weight_files(path)
     if cfg is not None and "model_type" in cfg:
         fam, arch = arch_for_model_type(cfg.get("model_type"), str(path))
@@ -174,7 +175,8 @@ def _match_native(root: Path, files: list[Path], cfg: dict | None, where: str, k
 def unified_config(det: Detected, shapes: dict[str, tuple[int, ...]]) -> dict:
     """The unified config of a detected checkpoint, every value checked against the model's
     config class (:func:`statecast.arch.layers.config_from_unified`) before anything is
-    written; a bad value is named by the config.json key it came from where it has one."""
+    written; a bad value is named by the config.json key it came from where it has one.
+    The format's ``placement`` adds what the tensor names record (``SourceFormat``)."""
     from ..arch.layers import ConfigValueError
 
     fam = det.family
@@ -182,10 +184,13 @@ def unified_config(det: Detected, shapes: dict[str, tuple[int, ...]]) -> dict:
     def from_source(hf_config: dict | None) -> dict:
         return det.arch.config_from_hf(hf_config) if det.arch else fam.native.config(shapes, hf_config)
 
+    def placed(raw: dict) -> dict:
+        return {**raw, **det.fmt.placement(raw, shapes.keys())} if det.fmt.placement else raw
+
     where = det.root / "config.json" if det.hf_config is not None else det.root
     try:
         cfg_cls, _ = fam.model_classes()
-        ucfg = cfg_cls.from_unified(from_source(det.hf_config)).to_unified()
+        ucfg = cfg_cls.from_unified(placed(from_source(det.hf_config))).to_unified()
     except ConfigValueError as e:
         key = _source_key(from_source, det.hf_config, e.field) or f"{e.field} (unified config)"
         raise StatecastError(f"{where}: {key}: expected {e.expected}, got {e.value!r:.80}") from None

@@ -16,27 +16,29 @@ import torch
 from ..errors import StatecastError
 from .builders import MAMBA_INIT, seeded_checkpoint
 from .record import MAMBA_STATE, Demo, Family, HfArch, NativeFormat, write_hf_config
-from .references import HfReference
+from .references import HfReference, RenamedHfReference
 from .tables import Rule, SourceFormat
 
 MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
                  "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias")
 
 
-def _rules(embedding: str) -> tuple[Rule, ...]:
+def backbone_rules(embedding: str, mixer: tuple[str, ...] = MIXER_TENSORS) -> tuple[Rule, ...]:
+    """The ``backbone.*`` names of transformers' Mamba classes and of the state-spaces files
+    (which differ in the embedding's name); ``mixer``: the mixer's tensors (Mamba-2's differ)."""
     layer = "backbone.layers.{i}"
     return (
         Rule(f"backbone.{embedding}.weight", "embed.weight"),
         Rule(f"{layer}.norm.weight", "layers.{i}.mixer_norm.weight"),
-        *(Rule(f"{layer}.mixer.{t}", f"layers.{{i}}.mamba.{t}") for t in MIXER_TENSORS),
+        *(Rule(f"{layer}.mixer.{t}", f"layers.{{i}}.mamba.{t}") for t in mixer),
         Rule("backbone.norm_f.weight", "final_norm.weight"),
         Rule("lm_head.weight", "lm_head.weight"),
     )
 
 
-HF = SourceFormat("mamba-hf", _rules("embeddings"), optional=("lm_head.weight",))
-FALCON_HF = SourceFormat("falcon-mamba-hf", _rules("embeddings"), optional=("lm_head.weight",))
-NATIVE = SourceFormat("mamba-native", _rules("embedding"), optional=("lm_head.weight",))
+HF = SourceFormat("mamba-hf", backbone_rules("embeddings"), optional=("lm_head.weight",))
+FALCON_HF = SourceFormat("falcon-mamba-hf", backbone_rules("embeddings"), optional=("lm_head.weight",))
+NATIVE = SourceFormat("mamba-native", backbone_rules("embedding"), optional=("lm_head.weight",))
 
 
 def dt_rank_of(rank, d_model: int) -> int:
@@ -100,12 +102,22 @@ def _looks_native(keys: list[str]) -> bool:
     return "backbone.embedding.weight" in keys and any(k.startswith("backbone.layers.") and ".mixer.A_log" in k for k in keys)
 
 
+def state_spaces_layer(keys: list[str], cfg: dict | None) -> str:
+    """The mixer of a state-spaces checkpoint: ``ssm_cfg.layer`` when the config names it, else
+    "Mamba2" when the mixers have ``dt_bias`` (Mamba-2's per-head dt bias) and "Mamba1"
+    otherwise. The one rule that splits these checkpoints between the mamba and mamba2 families."""
+    ssm = (cfg or {}).get("ssm_cfg") or {}
+    if "layer" in ssm:
+        return ssm["layer"]
+    return "Mamba2" if any(k.startswith("backbone.layers.") and k.endswith(".mixer.dt_bias") for k in keys) else "Mamba1"
+
+
 def _unsupported_variant(keys: list[str], cfg: dict | None) -> str | None:
     """Why a state-spaces checkpoint is not the Mamba-1 model this family reads, or None."""
     cfg = cfg or {}
-    ssm = cfg.get("ssm_cfg") or {}
-    if ssm.get("layer", "Mamba1") != "Mamba1":
-        return f"ssm_cfg.layer {ssm['layer']!r} is not supported (Mamba-1 only)"
+    layer = state_spaces_layer(keys, cfg)
+    if layer != "Mamba1":
+        return f"ssm_cfg.layer {layer!r} is not supported (Mamba1 and Mamba2 are)"
     if cfg.get("attn_layer_idx"):
         return "hybrid state-spaces checkpoints (attn_layer_idx) are not supported"
     if not cfg.get("rms_norm", True):
@@ -120,7 +132,10 @@ def is_native(keys: list[str], cfg: dict | None = None) -> bool:
 
 
 def native_near_miss(keys: list[str], cfg: dict | None = None) -> str | None:
-    return _unsupported_variant(keys, cfg) if _looks_native(keys) else None
+    # a Mamba-2 checkpoint is the mamba2 family's to accept or refuse
+    if not _looks_native(keys) or state_spaces_layer(keys, cfg) == "Mamba2":
+        return None
+    return _unsupported_variant(keys, cfg)
 
 
 def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None) -> dict:
@@ -152,45 +167,16 @@ def config_from_native(shapes: dict[str, tuple[int, ...]], cfg: dict | None) -> 
     }
 
 
-class NativeMambaReference(HfReference):
-    """transformers' ``MambaForCausalLM`` holding the state-spaces tensors unchanged.
-
-    ``mamba_ssm`` (the native implementation) does not import without CUDA, so the
-    reference is transformers' class, which computes the same function. The native
-    names equal transformers' except the embedding (:data:`NATIVE_MAMBA_RENAMES`); the
-    tensors are loaded by name with ``strict=True`` and no numeric change (a tied head is
-    the embedding tensor itself).
-    """
-
-    def _load(self, cls, path: Path, arch, ucfg: dict):
-        from transformers import AutoConfig
-
-        from ..checkpoints.readers import open_tensors, weight_files
-
-        config = AutoConfig.for_model(**arch.hf_config(ucfg, None))  # the dimensions read at conversion
-        with torch.device("meta"):
-            model = cls(config)
-        with open_tensors(weight_files(path)) as src:
-            state = {NATIVE_MAMBA_RENAMES.get(k, k): src.get(k).to(self.dtype) for k in src.keys()}
-        if config.tie_word_embeddings:  # the head IS the embedding, whatever copy the file holds
-            state["lm_head.weight"] = state["backbone.embeddings.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        self.weights = (f"state-spaces tensors from {path} loaded into {arch.architecture} by name; renamed "
-                        + ", ".join(f"{a} -> {b}" for a, b in NATIVE_MAMBA_RENAMES.items())
-                        + f"; {str(self.dtype).removeprefix('torch.')}")
-        return model
-
-
+# The only native name that differs from transformers' MambaForCausalLM.
 NATIVE_MAMBA_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
 
-
-
 def native_reference(path: Path, device: torch.device, family: Family, ucfg: dict, dtype: torch.dtype) -> HfReference:
-    """verify's reference for a state-spaces checkpoint (see :class:`NativeMambaReference`)."""
-    return NativeMambaReference(path, device, family.arch(family.native.export_as), ucfg, dtype)
+    """verify's reference for a state-spaces checkpoint: transformers' ``MambaForCausalLM``
+    holding the state-spaces tensors unchanged (``mamba_ssm``, the native implementation,
+    does not import without CUDA; transformers' class computes the same function)."""
+    return RenamedHfReference(path, device, family.arch(family.native.export_as), ucfg, dtype,
+                              renames=NATIVE_MAMBA_RENAMES, origin="state-spaces")
 
 
 def build_hf_mamba(out: Path, seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 320, state: int = 8,

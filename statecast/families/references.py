@@ -106,6 +106,46 @@ class HfReference(Reference):
         return out[0, len(prompt):].tolist()
 
 
+class RenamedHfReference(HfReference):
+    """transformers' class holding a native checkpoint's tensors, loaded by name.
+
+    For a native format whose own implementation cannot run here (``mamba_ssm`` does not
+    import without CUDA) but whose tensors are transformers' under a few other names: the
+    model is built from the unified config (the dimensions read at conversion) on the meta
+    device, every tensor is loaded unchanged after ``renames`` (native name -> transformers
+    name) with ``strict=True``, and a tied head is the embedding tensor itself. ``origin``
+    names the format in the report's ``weights`` line.
+    """
+
+    def __init__(self, path: Path, device: torch.device, arch, ucfg: dict, dtype: torch.dtype,
+                 renames: dict[str, str], origin: str):
+        self.renames, self.origin = renames, origin
+        super().__init__(path, device, arch, ucfg, dtype)
+
+    def _load(self, cls, path: Path, arch, ucfg: dict):
+        from transformers import AutoConfig, PreTrainedConfig
+
+        from ..checkpoints.readers import open_tensors, weight_files
+
+        # config.json's content, decoded as from_pretrained decodes it ({"__float__": "Infinity"} -> inf)
+        config = AutoConfig.for_model(**PreTrainedConfig._decode_special_floats(arch.hf_config(ucfg, None)))
+        with torch.device("meta"):
+            model = cls(config)
+        with open_tensors(weight_files(path)) as src:
+            state = {self.renames.get(k, k): src.get(k).to(self.dtype) for k in src.keys()}
+        if config.tie_word_embeddings:  # the head IS the embedding, whatever copy the file holds
+            emb = model.get_input_embeddings().weight
+            emb_key = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is emb)
+            state["lm_head.weight"] = state[emb_key]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        self.weights = (f"{self.origin} tensors from {path} loaded into {arch.architecture} by name; renamed "
+                        + ", ".join(f"{a} -> {b}" for a, b in self.renames.items())
+                        + f"; {str(self.dtype).removeprefix('torch.')}")
+        return model
+
+
 def _decoder_blocks(model: torch.nn.Module, n_layer: int) -> torch.nn.ModuleList:
     """The model's stack of decoder blocks: its first ModuleList with one entry per layer."""
     for module in model.modules():

@@ -4,7 +4,9 @@ A :class:`SourceFormat` is a table of :class:`Rule` rows (source template ->
 canonical template, plus the name of a numeric transform) and an explicit list
 of source keys that are dropped. Templates use ``{i}`` for the layer index.
 Every source key must be consumed by exactly one rule or be explicitly dropped;
-leftovers, missing tensors and shape mismatches are errors that name the keys.
+leftovers, missing tensors and shape mismatches are errors that name the keys. A tensor
+stored under several names (tied, saved more than once) has one rule per further name,
+marked ``copy``: each must be there, and is written back.
 The same table read backwards writes the unified model back to the source
 format, so a round trip is exact.
 
@@ -15,7 +17,8 @@ inverse and the shape change it makes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -82,6 +85,35 @@ def _split3_shape(s: Shape) -> tuple[Shape, ...]:
     return ((s[0] // 3, *s[1:]),) * 3
 
 
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, 2, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(2, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _even_rows(s: Shape) -> Shape:
+    return s if s and s[0] % 2 == 0 else BAD + s
+
+
+def _split2_shape(s: Shape) -> tuple[Shape, ...]:
+    if not s or s[0] % 2:
+        return (BAD + s,) * 2
+    return ((s[0] // 2, *s[1:]),) * 2
+
+
+def _head_axis(rank: int) -> Transform:
+    """A per-head tensor whose source always has a leading head axis ([H, ...], ``rank`` dims)
+    and whose canonical form drops it when H = 1 (the one-head Mamba mixer's shapes); the
+    inverse restores it by the rank."""
+    return Transform(
+        forward=lambda t: t[0] if t.dim() == rank and t.shape[0] == 1 else t,
+        inverse=lambda t: t.unsqueeze(0) if t.dim() == rank - 1 else t,
+        shape=lambda s: s[1:] if len(s) == rank and s[0] == 1 else s,
+    )
+
+
 TRANSFORMS: dict[str, Transform] = {
     "identity": Transform(forward=lambda t: t, inverse=lambda t: t, shape=lambda s: s),
     # RWKV time-mix coefficients are stored as [1, 1, C] for broadcasting; canonical is [C].
@@ -104,16 +136,30 @@ TRANSFORMS: dict[str, Transform] = {
     # Per-expert tensors of a mixture of experts (Jamba's ``experts.{j}.gate_proj.weight``
     # [F, C]) -> one [J, F, C] stack; ``shape`` gives the shape of one piece.
     "stack": Transform(forward=torch.stack, inverse=lambda t: list(t.unbind(0)), shape=lambda s: s, stacked=True),
+    # Zamba's Mamba in_proj interleaves its two halves row by row (x0, z0, x1, z1, ...: its
+    # ``view(B, -1, 2, T)``); canonical is [x | z] as in every other Mamba mixer. A permutation: exact.
+    "deinterleave": Transform(forward=_deinterleave, inverse=_interleave, shape=_even_rows),
+    # Zamba's per-head mixer tensors: D / dt_proj_bias [H, Eh], x_proj / dt_proj / A_log [H, ., .]
+    "heads_2d": _head_axis(2),
+    "heads_3d": _head_axis(3),
+    # a fused gated-MLP input projection (Zamba2's gate_up_proj [2F, C], bias [2F]) -> gate, up
+    "split_gate_up": Transform(forward=lambda t: tuple(p.contiguous() for p in t.chunk(2, dim=0)),
+                               inverse=lambda ts: torch.cat(ts, 0), shape=_split2_shape, parts=2),
 }
 
 
 @dataclass(frozen=True)
 class Rule:
-    """``source`` -> ``canonical`` (a tuple of names for a transform with several parts)."""
+    """``source`` -> ``canonical`` (a tuple of names for a transform with several parts).
+
+    ``copy``: one more stored copy of tensors that another rule maps (a tied tensor saved
+    under several names): the source must hold it, bitwise equal to the other rule's key
+    (``convert pull`` checks), and the format written back holds it again."""
 
     source: str
     canonical: str | tuple[str, ...]
     transform: str = "identity"
+    copy: bool = False
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -123,6 +169,8 @@ class Rule:
             raise ValueError(f"rule {self.source}: transform {self.transform} makes {TRANSFORMS[self.transform].parts} tensors, {n} named")
         if TRANSFORMS[self.transform].stacked != ("{j}" in self.source):
             raise ValueError(f"rule {self.source}: a stacking transform needs {{j}} in the source template, and only it")
+        if self.copy and TRANSFORMS[self.transform].stacked:
+            raise ValueError(f"rule {self.source}: a copy cannot be a stacked tensor's piece")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -154,6 +202,8 @@ class Target:
     transform: str
     part: int = 0  # which part of a split source; for a stacked tensor, the piece's j
     stack: tuple[str, ...] = ()  # a stacked tensor's source keys in j order (set by map_keys)
+    copies: tuple[str, ...] = ()  # further source keys holding the same tensor (``Rule.copy``), bitwise equal
+    copy: bool = False  # (to_canonical) this source key is such a further copy
 
 
 @dataclass(frozen=True)
@@ -163,20 +213,42 @@ class SourceFormat:
     ``dropped`` source keys are ignored (non-persistent buffers some versions saved).
     ``optional`` canonical names are dropped when the model does not have them: a tied
     head saved as its own key (``lm_head.weight`` beside the embedding) maps onto nothing.
+
+    ``layout(unified config)`` gives the rules whose names depend on the model's layout and
+    that templates cannot express (Zamba: a shared block stored under one or more of the
+    layers that run it, a hybrid layer's Mamba under ``mamba_decoder``): :meth:`for_config` adds them,
+    and pull and ``export --format hf`` map through that. Without ``layout`` the format
+    is the same for every config.
+
+    ``placement(unified config, source keys)`` gives the unified config fields that record
+    where a source stored what its layout leaves open (Zamba: under which layers a shared
+    block was saved), which ``layout`` then reads; ``families.unified_config`` adds them when
+    pulling, so they travel with the model into ``export --format hf``.
     """
 
     name: str
     rules: tuple[Rule, ...]
     dropped: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+    layout: Callable[[dict], tuple[Rule, ...]] | None = field(default=None, compare=False)
+    placement: Callable[[dict, Collection[str]], dict] | None = field(default=None, compare=False)
     _fwd: list = field(default_factory=list, compare=False, repr=False)
     _rev: list = field(default_factory=list, compare=False, repr=False)
+    _rev_copies: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._fwd.extend((_compile(r.source), r) for r in self.rules)
         for r in self.rules:
-            self._rev.extend((_compile(name), r, part) for part, name in enumerate(r.targets))
+            rev = self._rev_copies if r.copy else self._rev
+            rev.extend((_compile(name), r, part) for part, name in enumerate(r.targets))
         self._fwd.extend((_compile(d), None) for d in self.dropped)
+
+    def for_config(self, ucfg: dict) -> "SourceFormat":
+        """This format for a model of unified config ``ucfg``: its rules plus ``layout(ucfg)``'s
+        (the format itself when it has no ``layout``)."""
+        if self.layout is None:
+            return self
+        return SourceFormat(self.name, tuple(self.layout(ucfg)) + self.rules, self.dropped, self.optional)
 
     def to_canonical(self, key: str) -> list[Target] | None | bool:
         """The canonical tensors a source key becomes; False if dropped; None if unknown."""
@@ -189,15 +261,23 @@ class SourceFormat:
                 if TRANSFORMS[rule.transform].stacked:
                     return [Target(rule.canonical.format(**g), rule.source.format(i=g["i"], j="{j}"), rule.transform,
                                    int(g["j"]))]
-                return [Target(n.format(**g), key, rule.transform, part) for part, n in enumerate(rule.targets)]
+                return [Target(n.format(**g), key, rule.transform, part, copy=rule.copy)
+                        for part, n in enumerate(rule.targets)]
         return None
 
+    @property
+    def has_copies(self) -> bool:
+        return bool(self._rev_copies)
+
     def from_canonical(self, name: str) -> Target:
-        """Target.source is the source key a canonical name comes from; unknown names are an error."""
+        """Target.source is the source key a canonical name comes from (Target.copies: the
+        further keys holding it, ``Rule.copy``); unknown names are an error."""
         for pattern, rule, part in self._rev:
             m = pattern.match(name)
             if m:
-                return Target(name, rule.source.format(**m.groupdict(), j="{j}"), rule.transform, part)
+                copies = tuple(r.source.format(**c.groupdict(), j="{j}") for p, r, _ in self._rev_copies
+                               if (c := p.match(name)))
+                return Target(name, rule.source.format(**m.groupdict(), j="{j}"), rule.transform, part, copies=copies)
         raise StatecastError(f"format {self.name} has no name for canonical tensor {name!r}")
 
     def siblings(self, target: Target) -> list[str]:
@@ -227,6 +307,7 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
     """
     entries: dict[str, tuple[Target, Shape]] = {}
     pieces: dict[str, dict[int, tuple[Target, Shape]]] = {}  # stacked name -> j -> piece
+    copied: dict[str, list[str]] = {}  # canonical name -> the further copies' keys present
     unknown, dropped, duplicate = [], [], []
     for key, shape in source_shapes.items():
         hits = fmt.to_canonical(key)
@@ -240,6 +321,9 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
         for t, s in zip(hits, shapes):
             if TRANSFORMS[t.transform].stacked:
                 pieces.setdefault(t.name, {})[t.part] = (t, s)
+                continue
+            if t.copy:
+                copied.setdefault(t.name, []).append(key)
                 continue
             if t.name in entries:
                 duplicate.append(key)
@@ -256,6 +340,17 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
             shape = (n, *got[0][1]) if len(shapes) == 1 else BAD
             entries[name] = (Target(name, t0.source, t0.transform, 0, keys), shape)
     unexpected = [entries[n][0].source for n in entries if n not in expected] + unknown + duplicate
+    unexpected += [k for n, keys in copied.items() if n not in expected for k in keys]
+    misfit = []  # (copy key, its shape, the shape of the key it copies)
+    if fmt.has_copies:  # every copy the format names is there, shaped as the tensor it copies
+        for n in expected:
+            target = fmt.from_canonical(n)
+            missing += [k for k in target.copies if k not in source_shapes]
+            if n in entries and target.copies:
+                entries[n] = (replace(entries[n][0], copies=target.copies), entries[n][1])
+                have = tuple(source_shapes[entries[n][0].source])
+                misfit += [(k, tuple(source_shapes[k]), have) for k in target.copies
+                           if k in source_shapes and tuple(source_shapes[k]) != have]
     problems = []
     if unexpected:
         problems.append(f"unexpected tensors {_listing(set(unexpected))}")
@@ -263,6 +358,7 @@ def map_keys(fmt: SourceFormat, source_shapes: dict[str, Shape], expected: dict[
         problems.append(f"missing tensors {_listing(set(missing))}")
     if not problems:
         bad = sorted(_misshaped(fmt, n, entries[n][0], source_shapes, expected) for n, s in expected.items() if entries[n][1] != tuple(s))
+        bad += sorted({f"{k} has shape {got}, expected {want} (a copy)" for k, got, want in misfit})
         if bad:
             problems.append("mis-shaped tensors: " + "; ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else ""))
     if problems:
@@ -294,11 +390,13 @@ def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dic
     """
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[int, torch.Tensor]] = {}
-    unknown = []
+    unknown, copies = [], []
     for key, t in state.items():
         hits = fmt.to_canonical(key)
         if hits is None:
             unknown.append(key)
+        elif hits is not False and hits[0].copy:
+            copies.append((key, hits, t))
         elif hits is not False and TRANSFORMS[hits[0].transform].stacked:
             stacks.setdefault(hits[0].name, {})[hits[0].part] = t
         elif hits is not False:
@@ -310,7 +408,20 @@ def to_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dic
         if sorted(got) != list(range(len(got))):
             raise StatecastError(f"{fmt.name}: the pieces of {name} are not numbered 0..{len(got) - 1}: {sorted(got)}")
         out[name] = TRANSFORMS["stack"].forward([got[j] for j in range(len(got))])
+    for key, hits, t in copies:  # a further copy of a tied tensor: equal to the first, or its only holder
+        for target, piece in zip(hits, TRANSFORMS[hits[0].transform].pieces(t)):
+            if target.name in out and not same_bits(out[target.name], piece):
+                raise StatecastError(f"{fmt.name}: {key} differs from {fmt.from_canonical(target.name).source}, "
+                                     f"of which it is a copy")
+            out.setdefault(target.name, piece)
     return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: same dtype, shape and bytes (NaNs included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def from_canonical_state(fmt: SourceFormat, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -332,13 +443,15 @@ def unstack(source: str, transform: Transform, t: torch.Tensor) -> dict[str, tor
 
 def group_by_source(fmt: SourceFormat, names) -> list[tuple[str, list[str], str]]:
     """(source key, its canonical names in part order, transform) for every canonical name,
-    in first-seen order; a split tensor whose parts are not all present is an error. For a
-    stacked tensor the source key is the template with ``{j}`` left in."""
+    in first-seen order, and again for each further copy of it (``Rule.copy``); a split tensor
+    whose parts are not all present is an error. For a stacked tensor the source key is the
+    template with ``{j}`` left in."""
     groups: dict[str, tuple[list[str], str]] = {}
     for name in names:
         target = fmt.from_canonical(name)
         if target.source not in groups:
             groups[target.source] = (fmt.siblings(target), target.transform)
+            groups.update((c, groups[target.source]) for c in target.copies)
     present = set(names)
     for source, (parts, _) in groups.items():
         lacking = [p for p in parts if p not in present]

@@ -123,7 +123,7 @@ def gpt2_hf_config(ucfg: dict, base: dict | None = None) -> dict:
                            "GPT2LMHeadModel", "gpt2", GPT2_FIELDS, scale_attn_weights=ucfg["attn_scale"] is None)
 
 
-def _rope(cfg: dict) -> tuple[float, dict | None]:
+def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from either spelling: transformers 5's ``rope_parameters`` or the
     older top-level ``rope_theta`` + ``rope_scaling``."""
     params = cfg.get("rope_parameters") or {}
@@ -144,7 +144,7 @@ def llama_config_from_hf(cfg: dict) -> dict:
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("hidden_act", "silu") not in ACTIVATIONS:
         raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-    theta, scaling = _rope(cfg)
+    theta, scaling = rope_from_hf(cfg)
     bias = bool(cfg.get("attention_bias", False))
     return {
         "vocab_size": cfg["vocab_size"],

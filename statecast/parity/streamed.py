@@ -65,7 +65,7 @@ import torch
 from ..checkpoints.layout import UnifiedModel
 from ..checkpoints.readers import dtype_name, parse_dtype
 from ..convert.generate import generate_ids
-from ..convert.loading import load_tokenizer
+from ..convert.loading import check_kernels, load_tokenizer, select_kernels
 from ..errors import StatecastError
 from ..families import FAMILIES, format_by_name
 from ..families.references import HfReference, _decoder_blocks, present_hidden
@@ -90,17 +90,13 @@ class StreamedModel:
     for the duration of its forward call. ``model`` is an ordinary statecast model otherwise
     (call it inside ``resident()``). ``loads`` counts block loads (tests: one per block per pass)."""
 
-    def __init__(self, um: UnifiedModel, dtype: str, device: torch.device, kernels: str = "torch"):
+    def __init__(self, um: UnifiedModel, dtype: str, device: torch.device, kernels: str = "auto"):
         fam = FAMILIES[um.family]
-        if kernels not in fam.kernels:
-            raise StatecastError(f"--kernels {kernels}: the {um.family} family has no {kernels} kernels")
+        check_kernels(um.family, kernels)
         self.family, self.device, self.target = fam, torch.device(device), parse_dtype(dtype)
         self.model = fam.build(um.config, "meta").eval()
-        if kernels != fam.kernels[0]:
-            try:
-                self.model.set_kernels(kernels)
-            except RuntimeError as e:
-                raise StatecastError(str(e).splitlines()[0]) from None
+        # which whole-sequence path runs (the model stays on meta: say where it will run)
+        self.kernels = select_kernels(self.model, um.family, kernels, device=self.device, dtype=self.target)
         self.src = um.tensors()
         expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         present = set(self.src.keys())
@@ -386,7 +382,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 
 @torch.inference_mode()
-def streamed_parity(um: UnifiedModel, ref_path: Path, device: torch.device, dtype: str, *, kernels: str = "torch",
+def streamed_parity(um: UnifiedModel, ref_path: Path, device: torch.device, dtype: str, *, kernels: str = "auto",
                     progress=None, device_map: str | None = None, max_memory: dict | None = None,
                     decode: bool = False, offload_folder: str | Path | None = None) -> dict:
     """:func:`~statecast.parity.verify.run_parity`'s report, layer-streamed (module docstring).
@@ -399,7 +395,7 @@ def streamed_parity(um: UnifiedModel, ref_path: Path, device: torch.device, dtyp
     step-vs-parallel, streamed (about 100 more passes over every weight). ``offload_folder``:
     where transformers re-saves tensors it converts while loading (default: a temporary
     directory), removed afterwards."""
-    from .verify import _inputs, _step_by_step, build_report, tolerances
+    from .verify import _inputs, build_report, step_vs_parallel, tolerances
 
     step = progress or (lambda msg: None)
     src = um.source
@@ -432,9 +428,7 @@ def streamed_parity(um: UnifiedModel, ref_path: Path, device: torch.device, dtyp
                 step("ours: greedy decoding and step vs parallel (streamed)")
                 prompt = batches[-1][0, :GREEDY_PROMPT].tolist()
                 ours_greedy = generate_ids(model, prompt, GREEDY_TOKENS)
-                ids = batches[0].to(device)
-                parallel = ours_logits[0]
-                step_diff = float((_step_by_step(model, ids).float().cpu() - parallel).abs().max())
+                step_diff, parallel, step_rules = step_vs_parallel(model, batches[0].to(device), ours_logits[0])
     finally:
         ours.close()
 
@@ -467,9 +461,9 @@ def streamed_parity(um: UnifiedModel, ref_path: Path, device: torch.device, dtyp
         metrics["step_vs_parallel_max_abs_diff"] = step_diff
         metrics["step_vs_parallel_rel_diff"] = relative(step_diff, logit_scale(parallel))
     greedy = {"prompt": prompt, "tokens": GREEDY_TOKENS, "ours": ours_greedy, "reference": ref_greedy} if decode else None
-    report = build_report(um, reference=reference, device=device, dtype=dtype, kernels=kernels, metrics=metrics,
+    report = build_report(um, reference=reference, device=device, dtype=dtype, kernels=ours.kernels, metrics=metrics,
                           layer_err=layer_err, layer_pow=layer_pow, per_layer_view=view, tol=tol, batches=batches,
-                          greedy=greedy)
+                          greedy=greedy, step_rules=step_rules if decode else ())
     report["streamed"] = {
         "ours": "meta-device model; each block's tensors mapped from the model files for its forward, then released",
         "reference": "accelerate big-model inference (transformers from_pretrained with device_map and disk offload)",

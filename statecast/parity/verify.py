@@ -88,6 +88,19 @@ def _step_by_step(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def step_vs_parallel(model, ids: torch.Tensor, parallel: torch.Tensor | None = None):
+    """max |logits fed one token per call - logits of the whole sequence| on ``ids``, the
+    whole-sequence logits (``parallel``, when already computed, is reused unless it must be
+    recomputed) and the rules under which they were compared: where the reference's own step
+    and whole-sequence paths differ (``CausalLM.parallel_as_step``), the whole sequence runs
+    under the step's rule, so the check measures our step code and nothing else."""
+    with model.parallel_as_step() as rules:
+        if parallel is None or rules:
+            parallel = model(ids)[0].float().cpu()
+        diff = float((_step_by_step(model, ids).float().cpu() - parallel).abs().max())
+    return diff, parallel, rules
+
+
 def default_dtype(meta: dict) -> str:
     """float32, unless conversion cast the weights (``pull --dtype``): then the checkpoint's
     dtype, judged by its own tolerances, since the original files hold other values."""
@@ -137,7 +150,7 @@ def check_reference_files(um, ref_path: Path, given: bool) -> None:
 
 @torch.inference_mode()
 def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-               progress=None, kernels: str = "torch", stream: bool = False, device_map: str | None = None,
+               progress=None, kernels: str = "auto", stream: bool = False, device_map: str | None = None,
                max_memory: dict | None = None, decode: bool = False) -> dict:
     """Compute the parity report (no files written). ``stream``: one block of each model in
     memory at a time (:mod:`.streamed`; ``device_map``/``max_memory`` place the reference with
@@ -186,25 +199,24 @@ def run_parity(path: str | Path, device: str = "auto", dtype: str | None = None,
     metrics["greedy_agreement"] = sum(a == b for a, b in zip(ours_greedy, ref_greedy)) / GREEDY_TOKENS
 
     step("step vs parallel")
-    ids = batches[0].to(dev)
-    parallel = model(ids)[0].float()
-    step_diff = float((_step_by_step(model, ids).float() - parallel).abs().max())
+    step_diff, parallel, step_rules = step_vs_parallel(model, batches[0].to(dev))
     metrics["step_vs_parallel_max_abs_diff"] = step_diff
-    metrics["step_vs_parallel_rel_diff"] = relative(step_diff, logit_scale(parallel.cpu()))
+    metrics["step_vs_parallel_rel_diff"] = relative(step_diff, logit_scale(parallel))
 
     reference = {"implementation": ref.implementation, "version": ref.version, "path": str(ref_path),
                  "dtype": str(ref.dtype).removeprefix("torch."), "weights": ref.weights}
     greedy = {"prompt": prompt, "tokens": GREEDY_TOKENS, "ours": ours_greedy, "reference": ref_greedy}
-    return build_report(um, reference=reference, device=dev, dtype=ours_dtype, kernels=kernels, metrics=metrics,
+    return build_report(um, reference=reference, device=dev, dtype=ours_dtype, kernels=model.kernels, metrics=metrics,
                         layer_err=layer_err, layer_pow=layer_pow, per_layer_view=ref.hidden_view, tol=tol,
-                        batches=batches, greedy=greedy)
+                        batches=batches, greedy=greedy, step_rules=step_rules)
 
 
 def build_report(um, *, reference: dict, device: torch.device, dtype: str, kernels: str, metrics: dict,
                  layer_err: list[float], layer_pow: list[float], per_layer_view: str, tol: dict, batches: list,
-                 greedy: dict | None) -> dict:
+                 greedy: dict | None, step_rules: list[str] = ()) -> dict:
     """The parity report (``parity.json``) from the measured metrics and per-layer error
-    sums, judged by ``tol``; shared by the in-memory and the streamed verify."""
+    sums, judged by ``tol``; shared by the in-memory and the streamed verify. ``step_rules``:
+    where the whole sequence ran under the step's rule for the step check (:func:`step_vs_parallel`)."""
     per_layer = [db(e, p) for e, p in zip(layer_err, layer_pow)]
     first_bad = next((i for i, v in enumerate(per_layer) if v > tol["layer_nmse_db"]), None)
     checks = judge(metrics, tol)
@@ -225,6 +237,7 @@ def build_report(um, *, reference: dict, device: torch.device, dtype: str, kerne
         "inputs": {"random": f"{PARITY_BATCH[0]}x{PARITY_BATCH[1]} seed {PARITY_SEED}",
                    "text_tokens": int(batches[1].shape[1]) if len(batches) > 1 else 0},
         "greedy": greedy,
+        "step_vs_parallel_rules": list(step_rules),
         "per_layer": [json_metric(v) for v in per_layer],
         "per_layer_view": per_layer_view,
         "first_divergent_layer": first_bad,
@@ -253,7 +266,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"- model: `{r['model']}` ({r['family']}, stored {r['checkpoint_dtype']}, computed in {r['dtype']}) from `{r['source']}`",
         f"- reference: {r['reference']['implementation']} {r['reference']['version']} ({r['reference']['dtype']}): {r['reference']['weights']}",
-        f"- device: {r['device']}, {r.get('kernels', 'torch')} kernels; statecast {r['statecast']}, torch {r['torch']}",
+        f"- device: {r['device']}; kernels: {r.get('kernels', 'torch')}; statecast {r['statecast']}, torch {r['torch']}",
         f"- inputs: {r['inputs']['random']} random tokens"
         + (f" + {r['inputs']['text_tokens']} text tokens" if r["inputs"]["text_tokens"] else "")
         + f"; {r['n_positions']} positions",
@@ -265,6 +278,9 @@ def render_markdown(r: dict) -> str:
         if k not in r:  # a report written by an older statecast
             continue
         lines.append(f"| {k} | {show(r[k])} | {bound_text(k, tol)} | {ok_text(r['checks'].get(k))} |")
+    if r.get("step_vs_parallel_rules"):
+        lines += ["", "Steps vs parallel: the whole sequence ran under the step's rule where the reference's two paths "
+                  "differ: " + "; ".join(r["step_vs_parallel_rules"])]
     lines += ["", f"Per-layer hidden-state NMSE (dB, {r['per_layer_view']}; tolerance <= {tol['layer_nmse_db']:g}):", ""]
     lines.append("| layer | " + " | ".join(str(i) for i in range(len(r["per_layer"]))) + " |")
     lines.append("|---" * (len(r["per_layer"]) + 1) + "|")
@@ -275,7 +291,7 @@ def render_markdown(r: dict) -> str:
 
 
 def verify(path: str | Path, device: str = "auto", dtype: str | None = None, reference: str | Path | None = None,
-           progress=None, raise_on_fail: bool = True, kernels: str = "torch", stream: bool = False,
+           progress=None, raise_on_fail: bool = True, kernels: str = "auto", stream: bool = False,
            device_map: str | None = None, max_memory: dict | None = None, decode: bool = False) -> dict:
     """Run the parity report, write ``parity.json`` and ``parity.md`` into the model, raise if it fails."""
     if (Path(path) / "statecast.json").is_file():
