@@ -33,7 +33,7 @@ from common import (
     base_args,
     emit,
     environment,
-    gemm_shapes,
+    gemm_floor_fn,
     matvec_bandwidth_fn,
     print_table,
     set_threads,
@@ -79,20 +79,7 @@ def ssd_shapes(cfg, T: int, Q: int) -> list[tuple[str, int, int, int, int]]:
 
 def floor_fn(model, T: int, Q: int):
     """A closure running the forward's products (projections, head, SSD chunk products) alone."""
-    g = torch.Generator().manual_seed(0)
-    shapes = [s[1:] for s in gemm_shapes(model, T) + ssd_shapes(model.cfg, T, Q)]
-    xs, ws, outs = {}, {}, {}
-    for b, m, k, n in set(shapes):
-        xs[(b, m, k)] = torch.randn(b, m, k, generator=g) * 0.02
-        ws[(b, k, n)] = torch.randn(b, k, n, generator=g) * 0.02
-        outs[(b, m, n)] = torch.empty(b, m, n)
-    prods = [(xs[(b, m, k)], ws[(b, k, n)], outs[(b, m, n)]) for b, m, k, n in shapes]
-
-    def run():
-        for x, w, o in prods:
-            torch.bmm(x, w, out=o)
-
-    return run
+    return gemm_floor_fn(model, T, extra=ssd_shapes(model.cfg, T, Q))
 
 
 def ssd_fns(cfg, T: int, chunks: list[int], sequential: bool):

@@ -359,14 +359,15 @@ def gemm_shapes(model, T: int) -> list[tuple[str, int, int, int, int]]:
     return out
 
 
-def gemm_floor_fn(model, T: int, preallocated: bool = True):
+def gemm_floor_fn(model, T: int, preallocated: bool = True, extra: list | None = None):
     """A closure running one forward's matrix products alone (fp32, batch 1).
 
     preallocated: write into preallocated outputs (the strict floor); False allocates
     every output like a model does (fresh large buffers cost page faults: the [T, V]
-    logits alone are 206 MB at T=1024)."""
+    logits alone are 206 MB at T=1024). ``extra``: more products, as ``gemm_shapes`` gives
+    them (what, batch, m, k, n), e.g. Mamba-2's SSD chunk products."""
     g = torch.Generator().manual_seed(0)
-    shapes = [s[1:] for s in gemm_shapes(model, T)]
+    shapes = [s[1:] for s in gemm_shapes(model, T) + list(extra or [])]
     xs, ws, outs = {}, {}, {}
     for b, m, k, n in set(shapes):
         xs[(b, m, k)] = torch.randn(b, m, k, generator=g) * 0.02
