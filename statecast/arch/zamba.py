@@ -113,8 +113,41 @@ def copies_list(copies) -> list[list[int]] | None:
 # --------------------------------------------------------------------------- config
 
 
+class SharedLayout:
+    """What the configs of Zamba and Zamba2 share: the per-layer layout (``layer_kinds``,
+    ``shared_blocks``, ``shared_copies``), checked and frozen by :meth:`_freeze_layout`, and
+    its conversions to and from the unified config."""
+
+    LAYER_KINDS: tuple[str, ...] = LAYER_KINDS
+
+    def _freeze_layout(self) -> None:
+        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
+        object.__setattr__(self, "shared_blocks", tuple(self.shared_blocks))
+        object.__setattr__(self, "shared_copies", copies_tuple(self.shared_copies))
+        check_layout(type(self).__name__, self.n_layer, self.layer_kinds, self.shared_blocks, self.LAYER_KINDS,
+                     self.shared_copies)
+
+    @classmethod
+    def from_unified(cls, cfg: dict):
+        """Build from the unified config; other keys ("family", ...) are ignored."""
+        return config_from_unified(cls, cfg, None)
+
+    def to_unified(self) -> dict:
+        return {**asdict(self), "layer_kinds": list(self.layer_kinds), "shared_blocks": list(self.shared_blocks),
+                "shared_copies": copies_list(self.shared_copies)}
+
+    @property
+    def n_shared(self) -> int:
+        """How many shared blocks there are (their indices are 0..n_shared-1)."""
+        return 1 + max(b for b in self.shared_blocks if b is not None)
+
+    def hybrid_layers(self) -> tuple[int, ...]:
+        """Model layer indices of the hybrid layers (the rows of the KV state), ascending."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "hybrid")
+
+
 @dataclass(frozen=True)
-class ZambaConfig:
+class ZambaConfig(SharedLayout):
     vocab_size: int
     d_model: int
     n_layer: int
@@ -139,9 +172,6 @@ class ZambaConfig:
     shared_copies: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
-        object.__setattr__(self, "shared_blocks", tuple(self.shared_blocks))
-        object.__setattr__(self, "shared_copies", copies_tuple(self.shared_copies))
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ffn", "d_inner",
                      "d_state", "dt_rank", "n_mamba_heads"):
             value = getattr(self, name)
@@ -149,31 +179,13 @@ class ZambaConfig:
                 raise ValueError(f"ZambaConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.d_conv, int) or self.d_conv < 2:
             raise ValueError(f"ZambaConfig.d_conv must be an integer >= 2, got {self.d_conv!r}")
-        check_layout("ZambaConfig", self.n_layer, self.layer_kinds, self.shared_blocks, shared_copies=self.shared_copies)
+        self._freeze_layout()
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.d_inner % self.n_mamba_heads:
             raise ValueError(f"d_inner ({self.d_inner}) must be a multiple of n_mamba_heads ({self.n_mamba_heads})")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"ZambaConfig.act={self.act!r}; expected one of {sorted(ACTIVATIONS)}")
-
-    @classmethod
-    def from_unified(cls, cfg: dict) -> "ZambaConfig":
-        """Build from the unified config; other keys ("family", ...) are ignored."""
-        return config_from_unified(cls, cfg, None)
-
-    def to_unified(self) -> dict:
-        return {**asdict(self), "layer_kinds": list(self.layer_kinds), "shared_blocks": list(self.shared_blocks),
-                "shared_copies": copies_list(self.shared_copies)}
-
-    @property
-    def n_shared(self) -> int:
-        """How many shared blocks there are (their indices are 0..n_shared-1)."""
-        return 1 + max(b for b in self.shared_blocks if b is not None)
-
-    def hybrid_layers(self) -> tuple[int, ...]:
-        """Model layer indices of the hybrid layers (the rows of the KV state), ascending."""
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "hybrid")
 
 
 class ZambaState(NamedTuple):

@@ -37,7 +37,7 @@ Dimension letters used in shape comments:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -50,12 +50,11 @@ from statecast.arch.layers import (
     RMSNorm,
     Rope,
     attention_bias,
-    config_from_unified,
     embedding,
     stack_layers,
 )
 from statecast.arch.mamba2 import CHUNK_SIZE, Mamba2Mixer
-from statecast.arch.zamba import HybridLayer, SharedBlock, ZambaState, check_layout, copies_list, copies_tuple, run_layers
+from statecast.arch.zamba import HybridLayer, SharedBlock, SharedLayout, ZambaState, run_layers
 
 LAYER_KINDS = ("mamba2", "hybrid")
 POSITIONS = ("rope", "none")
@@ -63,7 +62,7 @@ ZAMBA2_GATED_NORM_EPS = 1e-5  # Zamba2MambaMixer's Zamba2RMSNormGated(eps=1e-5),
 
 
 @dataclass(frozen=True)
-class Zamba2Config:
+class Zamba2Config(SharedLayout):
     vocab_size: int
     d_model: int
     n_layer: int
@@ -91,13 +90,12 @@ class Zamba2Config:
     tie_embeddings: bool = True
     shared_copies: tuple[tuple[int, ...], ...] | None = None  # as ZambaConfig's (families/zamba2.py)
 
+    LAYER_KINDS = LAYER_KINDS
+
     def __post_init__(self):
-        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
-        object.__setattr__(self, "shared_blocks", tuple(self.shared_blocks))
-        object.__setattr__(self, "shared_copies", copies_tuple(self.shared_copies))
+        self._freeze_layout()
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
-        check_layout("Zamba2Config", self.n_layer, self.layer_kinds, self.shared_blocks, LAYER_KINDS, self.shared_copies)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.n_mamba_heads % self.n_groups:
@@ -113,25 +111,10 @@ class Zamba2Config:
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
 
-    @classmethod
-    def from_unified(cls, cfg: dict) -> "Zamba2Config":
-        """Build from the unified config; other keys ("family", ...) are ignored."""
-        return config_from_unified(cls, cfg, None)
-
-    def to_unified(self) -> dict:
-        return {**asdict(self), "layer_kinds": list(self.layer_kinds), "shared_blocks": list(self.shared_blocks),
-                "shared_copies": copies_list(self.shared_copies)}
-
     @property
     def d_inner(self) -> int:
         return self.n_mamba_heads * self.mamba_head_dim
 
-    @property
-    def n_shared(self) -> int:
-        return 1 + max(b for b in self.shared_blocks if b is not None)
-
-    def hybrid_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "hybrid")
 
 
 def _layer(cfg: Zamba2Config, kind: str, block: int | None) -> HybridLayer:
