@@ -502,15 +502,20 @@ def apply_byte_edit(data: bytes, edit) -> bytes:
     return data[:pos] + payload + data[pos + len(payload):]
 
 
+def mutated_outcome(src: Path, name: str, edits) -> None:
+    """``outcome`` of a copy of ``src`` whose file ``name`` has the byte ``edits`` applied."""
+    with fresh_copy(src) as d:
+        data = (d / name).read_bytes()
+        for e in edits:
+            data = apply_byte_edit(data, e)
+        (d / name).write_bytes(data)
+        outcome(d)
+
+
 @settings(max_examples=150, **SETTINGS)
 @given(edits=st.lists(BYTE_EDITS, min_size=1, max_size=3))
 def test_safetensors_byte_mutations(rwkv_dir, edits):
-    with fresh_copy(rwkv_dir) as d:
-        data = (d / "model.safetensors").read_bytes()
-        for e in edits:
-            data = apply_byte_edit(data, e)
-        (d / "model.safetensors").write_bytes(data)
-        outcome(d)
+    mutated_outcome(rwkv_dir, "model.safetensors", edits)
 
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
@@ -656,12 +661,7 @@ def bin_dir(tmp_path_factory) -> Path:
 @settings(max_examples=60, **SETTINGS)
 @given(edits=st.lists(BYTE_EDITS, min_size=1, max_size=2))
 def test_torch_pickle_byte_mutations(bin_dir, edits):
-    with fresh_copy(bin_dir) as d:
-        data = (d / "pytorch_model.bin").read_bytes()
-        for e in edits:
-            data = apply_byte_edit(data, e)
-        (d / "pytorch_model.bin").write_bytes(data)
-        outcome(d)
+    mutated_outcome(bin_dir, "pytorch_model.bin", edits)
 
 
 # --------------------------------------------------------------------------- property-based: the CLI

@@ -256,7 +256,59 @@ class HybridLayer(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-class Zamba(CausalLM):
+class SharedBlockLM(CausalLM):
+    """The model around the layers, as Zamba and Zamba2 share it: the state (each use of a
+    shared block its own KV rows, every layer its mixer's conv / SSM state) and the forward.
+    A subclass builds ``embed``, ``layers``, ``shared``, ``final_norm``, ``lm_head``, ``_kv_row``,
+    sets ``rope`` (None: no positions) and gives its mixers' state shapes (``mixer_state``)."""
+
+    rope = None  # Zamba's attention has no positions; Zamba2's rotary ones with use_mem_rope
+
+    def mixer_state(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One layer's conv and SSM state shapes, without the batch axis."""
+        raise NotImplementedError
+
+    def state_layers(self) -> dict[str, tuple[int, ...]]:
+        """Model layer index of each row of each state field."""
+        hybrid, every = self.cfg.hybrid_layers(), tuple(range(self.cfg.n_layer))
+        return {"key": hybrid, "value": hybrid, "conv": every, "ssm": every}
+
+    def init_state(self, batch: int, device=None) -> ZambaState:
+        """An empty history: P = 0 past positions, zero conv inputs and SSM states (float32)."""
+        cfg = self.cfg
+        device = self.embed.weight.device if device is None else device
+        dtype = self.embed.weight.dtype
+        kv = torch.zeros(len(cfg.hybrid_layers()), batch, cfg.n_kv_head, 0, cfg.head_dim, dtype=dtype, device=device)
+        conv_shape, ssm_shape = self.mixer_state()
+        conv = torch.zeros(cfg.n_layer, batch, *conv_shape, dtype=dtype, device=device)
+        ssm = torch.zeros(cfg.n_layer, batch, *ssm_shape, dtype=torch.float32, device=device)
+        return ZambaState(kv, kv.clone(), conv, ssm)
+
+    def forward(self, input_ids: Tensor, state: ZambaState | None = None, *, output_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V], new state (+ per-layer residual streams).
+
+        One code path for every T (T = 1 is a decode step): each use of a shared block
+        attends over its own P past positions plus the T new ones (at positions P..P+T-1 for
+        rotary positions); the Mamba mixers run their whole-sequence path (T > 1) or one-step
+        recurrence (T = 1) from their state. ``hidden``: the residual stream after each layer
+        (transformers' hooked layer outputs).
+        """
+        B, T = input_ids.shape
+        if state is None:
+            state = self.init_state(B, input_ids.device)
+        P = state.key.shape[3]
+        x = self.embed_tokens(input_ids)  # [B, T, C]; also the blocks' second input (original_hidden_states)
+        rope = None if self.rope is None else self.rope.cos_sin(torch.arange(T, device=x.device) + P, x.dtype)
+        mask = attention_bias(T, P, None, x.dtype, x.device)  # [T, P+T] or None (causal kernel)
+        x, new, hidden = run_layers(self, x, x, state, lambda i: (rope, mask), output_hidden)
+        logits = self.head_logits(self.final_norm(x))  # [B, T, V]
+        state = ZambaState(*(stack_layers(new[f]) for f in ZambaState._fields))
+        if output_hidden:
+            return logits, state, hidden
+        return logits, state
+
+
+class Zamba(SharedBlockLM):
     def __init__(self, cfg: ZambaConfig):
         super().__init__()
         self.cfg = cfg
@@ -290,42 +342,10 @@ class Zamba(CausalLM):
         for layer in self.layers:
             layer.mamba.reset_parameters(generator, init_std=std)
 
-    def state_layers(self) -> dict[str, tuple[int, ...]]:
-        """Model layer index of each row of each state field."""
-        hybrid, every = self.cfg.hybrid_layers(), tuple(range(self.cfg.n_layer))
-        return {"key": hybrid, "value": hybrid, "conv": every, "ssm": every}
-
-    def init_state(self, batch: int, device=None) -> ZambaState:
-        """An empty history: P = 0 past positions, zero conv inputs and SSM states."""
+    def mixer_state(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """conv [E, W-1], ssm [E, N] (Mamba-1's, whatever the head count)."""
         cfg = self.cfg
-        device = self.embed.weight.device if device is None else device
-        dtype = self.embed.weight.dtype
-        kv = torch.zeros(len(cfg.hybrid_layers()), batch, cfg.n_kv_head, 0, cfg.head_dim, dtype=dtype, device=device)
-        conv = torch.zeros(cfg.n_layer, batch, cfg.d_inner, cfg.d_conv - 1, dtype=dtype, device=device)
-        ssm = torch.zeros(cfg.n_layer, batch, cfg.d_inner, cfg.d_state, dtype=torch.float32, device=device)
-        return ZambaState(kv, kv.clone(), conv, ssm)
-
-    def forward(self, input_ids: Tensor, state: ZambaState | None = None, *, output_hidden: bool = False):
-        """input_ids [B, T] -> logits [B, T, V], new state (+ per-layer residual streams).
-
-        One code path for every T (T = 1 is a decode step): each use of the shared block
-        attends over its own P past positions plus the T new ones; the Mamba mixers run their
-        whole-sequence scan (T > 1) or one-step recurrence (T = 1) from their state.
-        ``hidden``: the residual stream after each layer (transformers' hooked layer outputs).
-        """
-        B, T = input_ids.shape
-        if state is None:
-            state = self.init_state(B, input_ids.device)
-        P = state.key.shape[3]
-        x = self.embed_tokens(input_ids)  # [B, T, C]
-        emb = x  # ZambaModel's original_hidden_states
-        mask = attention_bias(T, P, None, x.dtype, x.device)  # [T, P+T] or None (causal kernel)
-        x, new, hidden = run_layers(self, x, emb, state, lambda i: (None, mask), output_hidden)
-        logits = self.head_logits(self.final_norm(x))  # [B, T, V]
-        state = ZambaState(*(stack_layers(new[f]) for f in ZambaState._fields))
-        if output_hidden:
-            return logits, state, hidden
-        return logits, state
+        return (cfg.d_inner, cfg.d_conv - 1), (cfg.d_inner, cfg.d_state)
 
 
 def run_layers(model: nn.Module, x: Tensor, emb: Tensor, state, rope_mask, output_hidden: bool):

@@ -40,21 +40,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from statecast.arch.layers import (
     ACTIVATIONS,
     ROPE_TYPES,
-    CausalLM,
     LoRA,
     RMSNorm,
     Rope,
-    attention_bias,
     embedding,
-    stack_layers,
 )
 from statecast.arch.mamba2 import CHUNK_SIZE, Mamba2Mixer
-from statecast.arch.zamba import HybridLayer, SharedBlock, SharedLayout, ZambaState, run_layers
+from statecast.arch.zamba import HybridLayer, SharedBlock, SharedBlockLM, SharedLayout
 
 LAYER_KINDS = ("mamba2", "hybrid")
 POSITIONS = ("rope", "none")
@@ -131,7 +128,7 @@ def _layer(cfg: Zamba2Config, kind: str, block: int | None) -> HybridLayer:
     return HybridLayer(kind, block, C, cfg.norm_eps, mixer, attn_adapter, mlp_adapter)
 
 
-class Zamba2(CausalLM):
+class Zamba2(SharedBlockLM):
     def __init__(self, cfg: Zamba2Config):
         super().__init__()
         self.cfg = cfg
@@ -164,36 +161,8 @@ class Zamba2(CausalLM):
         for mixer in mixers:
             mixer.reset_parameters(generator, init_std=std)
 
-    def state_layers(self) -> dict[str, tuple[int, ...]]:
-        """Model layer index of each row of each state field."""
-        hybrid, every = self.cfg.hybrid_layers(), tuple(range(self.cfg.n_layer))
-        return {"key": hybrid, "value": hybrid, "conv": every, "ssm": every}
-
-    def init_state(self, batch: int, device=None) -> ZambaState:
-        """An empty history. conv [L, B, Dc, W-1] (model dtype), ssm [L, B, Hm, Pm, N] float32."""
+    def mixer_state(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """conv [Dc, W-1] (Dc = E + 2 G N: x, B and C go through the conv), ssm [Hm, Pm, N]."""
         cfg = self.cfg
-        device = self.embed.weight.device if device is None else device
-        dtype = self.embed.weight.dtype
-        kv = torch.zeros(len(cfg.hybrid_layers()), batch, cfg.n_kv_head, 0, cfg.head_dim, dtype=dtype, device=device)
-        Dc = cfg.d_inner + 2 * cfg.n_groups * cfg.d_state
-        conv = torch.zeros(cfg.n_layer, batch, Dc, cfg.d_conv - 1, dtype=dtype, device=device)
-        ssm = torch.zeros(cfg.n_layer, batch, cfg.n_mamba_heads, cfg.mamba_head_dim, cfg.d_state, dtype=torch.float32,
-                          device=device)
-        return ZambaState(kv, kv.clone(), conv, ssm)
-
-    def forward(self, input_ids: Tensor, state: ZambaState | None = None, *, output_hidden: bool = False):
-        """input_ids [B, T] -> logits [B, T, V], new state (+ per-layer residual streams); as
-        ``Zamba.forward``, with the new tokens at positions P..P+T-1 for the rotary positions."""
-        B, T = input_ids.shape
-        if state is None:
-            state = self.init_state(B, input_ids.device)
-        P = state.key.shape[3]
-        x = self.embed_tokens(input_ids)  # [B, T, C]
-        rope = None if self.rope is None else self.rope.cos_sin(torch.arange(T, device=x.device) + P, x.dtype)
-        mask = attention_bias(T, P, None, x.dtype, x.device)
-        x, new, hidden = run_layers(self, x, x, state, lambda i: (rope, mask), output_hidden)
-        logits = self.head_logits(self.final_norm(x))
-        state = ZambaState(*(stack_layers(new[f]) for f in ZambaState._fields))
-        if output_hidden:
-            return logits, state, hidden
-        return logits, state
+        return ((cfg.d_inner + 2 * cfg.n_groups * cfg.d_state, cfg.d_conv - 1),
+                (cfg.n_mamba_heads, cfg.mamba_head_dim, cfg.d_state))
